@@ -1,0 +1,82 @@
+"""Tiny random targets (Llama, Qwen3, Qwen3.5 hybrid) and drafts for CPU tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from dspark import DSparkDraftModel
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 128, num_layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen3(seed: int = 0, vocab_size: int = 160, num_layers: int = 5) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def tiny_qwen35(seed: int = 0, vocab_size: int = 128):
+    """A hybrid Gated-DeltaNet + attention target (stateful)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(seed)
+    config = Qwen3_5TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return Qwen3_5ForCausalLM(config).eval()
+
+
+def tiny_draft(target, seed: int = 1, **kwargs) -> DSparkDraftModel:
+    """A random draft for `target`; kwargs go to `DSparkDraftModel.from_target`."""
+    torch.manual_seed(seed)
+    kwargs.setdefault("block_size", 4)
+    draft = DSparkDraftModel.from_target(target, **kwargs).eval()
+    if draft.markov_head is not None:
+        # A trained head is not zero; give it weight so the Markov path changes the proposals.
+        torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.5)
+    return draft
