@@ -36,7 +36,9 @@ from .configuration_dspark import DSparkConfig
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def extract_target_features(hidden_states: tuple[torch.Tensor | None, ...], target_layer_ids: list[int]) -> torch.Tensor:
+def extract_target_features(
+    hidden_states: tuple[torch.Tensor | None, ...], target_layer_ids: list[int]
+) -> torch.Tensor:
     """Concatenate the selected target layers from HF `output_hidden_states=True` outputs.
 
     `hidden_states[0]` is the embedding output, so layer i is read at `hidden_states[i + 1]` (and -1 at index 0).
@@ -51,8 +53,9 @@ def target_decoder_layers(target: nn.Module) -> nn.ModuleList:
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(
-            f"dspark: cannot find the decoder layers of {type(target).__name__} (expected target.get_decoder().layers). "
-            "Supported targets are HF decoder-only causal LMs such as Llama, Qwen2/3 and Mistral."
+            f"dspark: cannot find the decoder layers of {type(target).__name__} "
+            "(expected target.get_decoder().layers). Supported targets are HF decoder-only causal LMs "
+            "such as Llama, Qwen2/3 and Mistral."
         )
     return layers
 
@@ -295,7 +298,9 @@ class DSparkAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         if self.sliding_window is not None:
-            key_mask = _and_masks(key_mask, _sliding_window_mask(slots, key.shape[2], self.sliding_window, block.device))
+            key_mask = _and_masks(
+                key_mask, _sliding_window_mask(slots, key.shape[2], self.sliding_window, block.device)
+            )
         attended = F.scaled_dot_product_attention(
             query, key, value, attn_mask=key_mask, is_causal=False, enable_gqa=self.num_heads != self.num_kv_heads
         )
@@ -622,7 +627,8 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         if width != self.fc.in_features:
             raise ValueError(
                 f"dspark: target features have width {width}, but the draft expects "
-                f"{len(self.config.target_layer_ids)} layers x {self.config.target_hidden_size} = {self.fc.in_features}. "
+                f"{len(self.config.target_layer_ids)} layers x {self.config.target_hidden_size} "
+                f"= {self.fc.in_features}. "
                 "The target's hidden size or the selected layers do not match this draft."
             )
         return self.hidden_norm(self.fc(context_hidden_states.to(self.fc.weight.dtype)))
@@ -679,7 +685,9 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
             if bool(attention_mask.all()):
                 return None
             return attention_mask.bool()[:, None, None, :].expand(-1, 1, slots, -1)
-        raise ValueError(f"dspark: attention_mask must be 2-D [B, kv] or 4-D [B, 1, S, kv], got {attention_mask.dim()}-D.")
+        raise ValueError(
+            f"dspark: attention_mask must be 2-D [B, kv] or 4-D [B, 1, S, kv], got {attention_mask.dim()}-D."
+        )
 
     def embed_block(self, anchor_ids: torch.Tensor) -> torch.Tensor:
         """[B] anchor ids -> [B, block_size, H] embeddings of `[anchor, MASK x (block_size - 1)]`."""
@@ -822,7 +830,11 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
                 "dspark: padded inputs are not supported through transformers' assisted generation; "
                 "use dspark.speculative_generate(target, draft, input_ids, attention_mask=...)."
             )
-        budget = self.config.num_draft_tokens if max_new_tokens is None else min(max_new_tokens, self.config.num_draft_tokens)
+        budget = (
+            self.config.num_draft_tokens
+            if max_new_tokens is None
+            else min(max_new_tokens, self.config.num_draft_tokens)
+        )
         processors = LogitsProcessorList(logits_processor or [])
         context = self._new_context(target, input_ids)
         if context is None:
