@@ -107,8 +107,9 @@ class DSparkConfig(PretrainedConfig):
         self.confidence_stop = confidence_stop
         self.has_embed_tokens = has_embed_tokens
         self.has_lm_head = has_lm_head
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # Validate before PretrainedConfig's own checks so the error names the DSpark field and its fix.
         self.validate_dspark()
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def num_draft_tokens(self) -> int:
@@ -161,8 +162,6 @@ class DSparkConfig(PretrainedConfig):
             fail(f"layer_types contains {unknown}; allowed: {LAYER_TYPES}.")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             fail("a sliding_attention layer needs sliding_window > 0.")
-        if "rope_theta" not in self.rope_parameters:
-            fail(f"rope_parameters={self.rope_parameters!r} lacks rope_theta.")
 
 
 __all__ = ["DSparkConfig"]

@@ -488,6 +488,46 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
     # -- construction ---------------------------------------------------------------------------------------------
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that refuses partial or corrupt weights instead of re-initialising them.
+
+        A draft with a missing or stray tensor would silently propose garbage, so missing, unexpected and
+        mismatched keys are errors here.
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        source = str(pretrained_model_name_or_path)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except OSError as error:
+            raise FileNotFoundError(
+                f"dspark: cannot load draft weights from {source}: {error} Re-download the checkpoint, or convert an "
+                "upstream one with `dspark convert SRC DST`."
+            ) from error
+        except Exception as error:
+            if "Safetensor" in type(error).__name__:
+                raise ValueError(
+                    f"dspark: the draft weights in {source} are corrupt or truncated ({error}). Re-download or "
+                    "re-convert the checkpoint."
+                ) from error
+            if "mismatched_sizes" in str(error) or "size mismatch" in str(error):
+                raise ValueError(
+                    f"dspark: the weights in {source} do not match its config.json (tensor shapes differ: {error}). "
+                    "config.json and the weights belong to different drafts."
+                ) from error
+            raise
+        problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys")}
+        if any(problems.values()):
+            details = "; ".join(f"{kind.replace('_', ' ')}: {keys[:6]}" for kind, keys in problems.items() if keys)
+            raise ValueError(
+                f"dspark: the checkpoint in {source} does not match its config ({details}). The weights are incomplete "
+                "or from another layout; upstream z-lab/DeepSpec/TorchSpec checkpoints must be imported with "
+                "`dspark convert SRC DST`."
+            )
+        return (model, info) if wants_info else model
+
+    @classmethod
     def from_target(
         cls,
         target: PreTrainedModel,
@@ -609,6 +649,11 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
 
     def _require_target(self, purpose: str) -> PreTrainedModel:
         target = self.target
+        if target is None and self._target_ref is not None:
+            raise ValueError(
+                f"dspark: the draft needs its target model to {purpose}, but the bound target no longer exists (the "
+                "draft holds it weakly so it never keeps a large model alive). Keep a reference to the target."
+            )
         if target is None:
             raise ValueError(
                 f"dspark: the draft needs its target model to {purpose}. Call `draft.bind_target(target)` once before "
