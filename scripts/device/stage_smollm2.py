@@ -66,7 +66,7 @@ def download_wheels(folder: Path, extra: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--job", default="python benchmarks/token_match.py --out $OUT", help="command of call 2")
+    parser.add_argument("--job", default="python3 benchmarks/token_match.py --out $OUT", help="command of call 2")
     parser.add_argument("--wheel", action="append", default=[], help="extra requirement to carry as a wheel")
     args = parser.parse_args()
 
