@@ -4,10 +4,19 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_dspark import DSparkConfig
 from .modeling_dspark import DraftBlock, DSparkDraftModel, extract_target_features
+from .speculative import SpeculativeOutput, speculative_generate
 
 AutoConfig.register("dspark", DSparkConfig, exist_ok=True)
 AutoModel.register(DSparkConfig, DSparkDraftModel, exist_ok=True)
 
 __version__ = "0.1.0"
 
-__all__ = ["DSparkConfig", "DSparkDraftModel", "DraftBlock", "extract_target_features", "__version__"]
+__all__ = [
+    "DSparkConfig",
+    "DSparkDraftModel",
+    "DraftBlock",
+    "SpeculativeOutput",
+    "extract_target_features",
+    "speculative_generate",
+    "__version__",
+]

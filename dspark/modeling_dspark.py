@@ -14,6 +14,7 @@ V = vocabulary, N = drafted tokens per round (`config.num_draft_tokens`).
 
 from __future__ import annotations
 
+import importlib
 import math
 import weakref
 from collections.abc import Callable
@@ -802,6 +803,20 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
             confidence=torch.stack(confidences, dim=1) if confidences else None,
             lengths=lengths.clamp(max=len(tokens)),
         )
+
+    def speculative_generate(self, target: PreTrainedModel, input_ids: torch.Tensor, **kwargs):
+        """The `dspark` package's own loop (batches with left padding, per-row acceptance); see
+        `dspark.speculative.speculative_generate` for the arguments. Needs `pip install dspark`."""
+        try:
+            # importlib rather than an import statement: transformers' remote-code loader requires every imported
+            # package to be installed, and this file must load without `dspark`.
+            loop = importlib.import_module("dspark.speculative")
+        except ImportError as error:
+            raise ImportError(
+                "dspark: the batched speculative loop lives in the `dspark` package; install it to use "
+                "draft.speculative_generate (target.generate(..., assistant_model=draft) works without it)."
+            ) from error
+        return loop.speculative_generate(target, self, input_ids, **kwargs)
 
     # -- drafting inside transformers' assisted generation -----------------------------------------------------------
 

@@ -1,0 +1,258 @@
+"""The package's own speculative decoding loop: batches with left padding and per-row acceptance.
+
+Each round, per row: draft a block from the anchor (the last emitted token) conditioned on the verified context,
+verify anchor + drafted tokens in one target forward, keep the accepted prefix plus the target's next token.
+
+Rows advance by different amounts, so both caches are kept in a shared "slot" index space: every round appends the
+whole verify block (anchor + N drafted slots) for every row, and entries that were rejected, never proposed, or belong
+to finished rows are masked out of attention by a per-row key mask. Positions (RoPE) follow each row's real tokens.
+
+Shapes: B rows, P prompt length, N = draft.config.num_draft_tokens, S = draft block size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicCache
+
+from .acceptance import AcceptanceStats
+from .modeling_dspark import DSparkDraftModel, ProcessorTokenChooser, extract_target_features, target_is_stateful
+from .verify import verify
+
+
+@dataclass
+class SpeculativeOutput:
+    """sequences: [B, P + T] prompt (as given, left-padded) then generated tokens, right-padded with pad_token_id.
+    generated: per-row lists of new tokens. stats: acceptance bookkeeping and wall times."""
+
+    sequences: torch.Tensor
+    generated: list[list[int]]
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoopState:
+    target_cache: DynamicCache
+    draft_cache: DynamicCache
+    target_keys: torch.Tensor  # [B, target cache length] 1 where the entry is part of the row's sequence
+    draft_keys: torch.Tensor  # [B, draft cache length] same for the draft's context entries
+    context: torch.Tensor  # [B, C, K * H_t] verified target features not yet in the draft cache
+    context_keys: torch.Tensor  # [B, C]
+    context_positions: torch.Tensor  # [B, C]
+    anchor: torch.Tensor  # [B] last emitted token, not yet seen by the target
+    anchor_position: torch.Tensor  # [B]
+    finished: torch.Tensor  # [B] bool
+    generated: list[list[int]]
+
+
+def sampling_processors(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None):
+    """The warpers applied to both the draft's and the target's logits (identical on both sides)."""
+    processors = LogitsProcessorList()
+    if do_sample:
+        if temperature <= 0:
+            raise ValueError("dspark: temperature must be > 0 when sampling; use do_sample=False for greedy")
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
+def choose_tokens(logits: torch.Tensor, processors: LogitsProcessorList, do_sample: bool) -> torch.Tensor:
+    """[B, V] target logits -> [B] tokens (argmax, or a draw from the processed distribution)."""
+    return ProcessorTokenChooser(logits.new_zeros(logits.shape[0], 0, dtype=torch.long), processors, do_sample)(
+        logits.float()
+    )[1]
+
+
+def prefill(target, draft, input_ids, attention_mask, processors, do_sample) -> LoopState:
+    """Run the target on the prompts, emit each row's first token, keep the prompt features for the draft."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = target(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=True,
+    )
+    first = choose_tokens(out.logits[:, -1], processors, do_sample)
+    return LoopState(
+        target_cache=cache,
+        draft_cache=DynamicCache(),
+        target_keys=attention_mask,
+        draft_keys=attention_mask.new_zeros(attention_mask.shape[0], 0),
+        context=extract_target_features(out.hidden_states, draft.config.target_layer_ids),
+        context_keys=attention_mask,
+        context_positions=positions,
+        anchor=first,
+        anchor_position=attention_mask.sum(-1),
+        finished=torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device),
+        generated=[[] for _ in range(input_ids.shape[0])],
+    )
+
+
+def draft_round(draft: DSparkDraftModel, state: LoopState, chooser_processors, do_sample: bool):
+    """Draft one block per row from its anchor; moves the pending context into the draft cache."""
+    slots = draft.config.block_size
+    offsets = torch.arange(slots, device=state.anchor.device)
+    block_positions = state.anchor_position[:, None] + offsets
+    state.draft_keys = torch.cat([state.draft_keys, state.context_keys], dim=1)
+    keys = torch.cat([state.draft_keys, torch.ones_like(block_positions)], dim=1)
+    out = draft(
+        draft.embed_block(state.anchor),
+        state.context,
+        position_ids=torch.cat([state.context_positions, block_positions], dim=1),
+        attention_mask=keys,
+        past_key_values=state.draft_cache,
+    )
+    state.draft_cache.crop(-slots)
+    chooser = ProcessorTokenChooser(state.anchor[:, None], chooser_processors, do_sample)
+    return draft.draft_block(out.draft_hidden_states, state.anchor, chooser)
+
+
+def verify_round(target, draft, state: LoopState, block, processors, do_sample, generator):
+    """One target forward over [anchor, drafted...] per row; returns the verdict and the block's features."""
+    tokens = torch.cat([state.anchor[:, None], block.tokens], dim=1)
+    offsets = torch.arange(tokens.shape[1], device=tokens.device)
+    proposed = torch.where(state.finished, torch.zeros_like(block.lengths), block.lengths)
+    block_keys = (offsets[None] <= proposed[:, None]).long()
+    out = target(
+        input_ids=tokens,
+        attention_mask=torch.cat([state.target_keys, block_keys], dim=1),
+        position_ids=state.anchor_position[:, None] + offsets,
+        past_key_values=state.target_cache,
+        use_cache=True,
+        output_hidden_states=True,
+    )
+    target_logits = out.logits.float()
+    if processors:
+        # Warpers are position-independent, so one call over the flattened positions processes them all.
+        flat = target_logits.reshape(-1, target_logits.shape[-1])
+        target_logits = processors(flat.new_zeros(flat.shape[0], 0, dtype=torch.long), flat).view_as(target_logits)
+    verdict = verify(block.tokens, proposed, block.q_logits, target_logits, do_sample, generator)
+    features = extract_target_features(out.hidden_states, draft.config.target_layer_ids)
+    return verdict, proposed, features, offsets
+
+
+def commit_round(state: LoopState, block, verdict, features, offsets, limits) -> list[int]:
+    """Keep each row's accepted prefix + next token; mask everything else; advance anchors; stop finished rows.
+
+    Returns the number of tokens each row emitted this round."""
+    max_new_tokens, stop_ids = limits
+    kept = (offsets[None] <= verdict.accepted[:, None]) & ~state.finished[:, None]
+    state.target_keys = torch.cat([state.target_keys, kept.long()], dim=1)
+    state.context = features
+    state.context_keys = kept.long()
+    state.context_positions = state.anchor_position[:, None] + offsets
+    accepted = verdict.accepted.tolist()
+    drafted = block.tokens.tolist()
+    next_tokens = verdict.next_tokens.tolist()
+    emitted = [0] * len(state.generated)
+    for row, output in enumerate(state.generated):
+        if state.finished[row]:
+            continue
+        for token in [*drafted[row][: accepted[row]], next_tokens[row]]:
+            output.append(token)
+            emitted[row] += 1
+            if token in stop_ids or len(output) >= max_new_tokens:
+                state.finished[row] = True
+                break
+    state.anchor_position = state.anchor_position + verdict.accepted + 1
+    state.anchor = verdict.next_tokens
+    return emitted
+
+
+def emit_first_tokens(state: LoopState, max_new_tokens: int, stop_ids: set[int]) -> None:
+    for row, token in enumerate(state.anchor.tolist()):
+        state.generated[row].append(token)
+        if token in stop_ids or max_new_tokens <= 1:
+            state.finished[row] = True
+
+
+def assemble(input_ids: torch.Tensor, generated: list[list[int]], pad_token_id: int) -> torch.Tensor:
+    longest = max(len(tokens) for tokens in generated)
+    tail = input_ids.new_full((input_ids.shape[0], longest), pad_token_id)
+    for row, tokens in enumerate(generated):
+        tail[row, : len(tokens)] = torch.tensor(tokens, dtype=tail.dtype)
+    return torch.cat([input_ids, tail], dim=1)
+
+
+@torch.no_grad()
+def speculative_generate(
+    target,
+    draft: DSparkDraftModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | SpeculativeOutput:
+    """Generate with `draft` proposing and `target` verifying; greedy output equals the target's own, sampling is exact.
+
+    input_ids: [B, P] prompts, left-padded where `attention_mask` [B, P] has zeros. Returns [B, P + T] sequences
+    (prompt as given, then each row's tokens, right-padded with `pad_token_id`), or a `SpeculativeOutput` with
+    per-row acceptance statistics and wall times when `return_stats=True`.
+    """
+    draft.check_target(target, allow_stateful=True)
+    if target_is_stateful(target):
+        raise NotImplementedError(
+            f"dspark: {type(target).__name__} keeps recurrent state; rolling it back after a partial acceptance is not "
+            "implemented in speculative_generate yet. Decode it without a draft for now."
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"dspark: max_new_tokens={max_new_tokens} must be >= 1")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"dspark: attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("dspark: prompts must be left-padded (attention_mask ends with 1 in every row)")
+    eos = eos_token_id if eos_token_id is not None else target.generation_config.eos_token_id
+    stop_ids = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+    if pad_token_id is None:
+        pad_token_id = target.generation_config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = min(stop_ids) if stop_ids else 0
+    processors = sampling_processors(do_sample, temperature, top_k, top_p)
+    attention_mask = attention_mask.long()
+    stats = AcceptanceStats(num_slots=draft.config.num_draft_tokens)
+    seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "commit": 0.0}
+
+    started = time.perf_counter()
+    state = prefill(target, draft, input_ids, attention_mask, processors, do_sample)
+    emit_first_tokens(state, max_new_tokens, stop_ids)
+    seconds["prefill"] = time.perf_counter() - started
+    while not bool(state.finished.all()):
+        tick = time.perf_counter()
+        block = draft_round(draft, state, processors, do_sample)
+        tock = time.perf_counter()
+        seconds["draft"] += tock - tick
+        verdict, proposed, features, offsets = verify_round(
+            target, draft, state, block, processors, do_sample, generator
+        )
+        seconds["verify"] += time.perf_counter() - tock
+        tock = time.perf_counter()
+        active = ~state.finished
+        emitted = commit_round(state, block, verdict, features, offsets, (max_new_tokens, stop_ids))
+        stats.record(verdict.accepted, proposed, active, emitted)
+        seconds["commit"] += time.perf_counter() - tock
+
+    sequences = assemble(input_ids, state.generated, pad_token_id)
+    if not return_stats:
+        return sequences
+    seconds["total"] = time.perf_counter() - started
+    return SpeculativeOutput(sequences, state.generated, {**stats.summary(), "seconds": seconds})

@@ -1,0 +1,220 @@
+"""The package's own loop: batched, left-padded, per-row acceptance; greedy exact and sampling lossless."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35
+
+import dspark
+import dspark.speculative as loop
+from dspark.speculative import speculative_generate
+
+
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row) :] = row
+        mask[index, width - len(row) :] = 1
+    return ids, mask
+
+
+def plain_greedy(target, row: torch.Tensor, max_new_tokens: int, eos: int | None = None) -> list[int]:
+    out = target.generate(row[None], max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos)
+    return out[0, len(row) :].tolist()
+
+
+class Oracle:
+    """Makes a draft propose each row's true plain-greedy continuation, wrong on a fixed pattern of slots."""
+
+    def __init__(self, draft, continuations: list[list[int]], wrong_every: int, monkeypatch):
+        self.continuations = continuations
+        self.wrong_every = wrong_every
+        self.produced: list[int] = []
+        self.calls = 0
+        original_round = loop.draft_round
+
+        def draft_round(draft_model, state, processors, do_sample):
+            self.produced = [len(tokens) for tokens in state.generated]
+            return original_round(draft_model, state, processors, do_sample)
+
+        monkeypatch.setattr(loop, "draft_round", draft_round)
+        vocab = draft.config.vocab_size
+
+        def block_logits(draft_hidden):
+            self.calls += 1
+            batch, slots, _ = draft_hidden.shape
+            logits = torch.zeros(batch, slots, vocab)
+            for row in range(batch):
+                for slot in range(slots):
+                    index = self.produced[row] + slot
+                    truth = self.continuations[row][index] if index < len(self.continuations[row]) else 0
+                    wrong = (self.calls + row + slot) % self.wrong_every == 0
+                    logits[row, slot, (truth + 1) % vocab if wrong else truth] = 30.0
+            return logits
+
+        draft.block_logits = block_logits
+
+
+@pytest.mark.parametrize("make_target", [tiny_llama, tiny_qwen3])
+@pytest.mark.parametrize(
+    "draft_kwargs",
+    [
+        {},
+        {"markov_rank": 8},
+        {"markov_rank": 8, "markov_head_type": "gated", "enable_confidence_head": True, "confidence_threshold": 0.5},
+        {"sample_from_anchor": False},
+    ],
+    ids=["dflash-backbone", "markov", "gated-markov-confidence", "dflash-slots"],
+)
+def test_batched_greedy_output_equals_row_by_row_plain_greedy(make_target, draft_kwargs):
+    target = make_target(seed=2)
+    draft = tiny_draft(target, **draft_kwargs)
+    generator = torch.Generator().manual_seed(7)
+    rows = [torch.randint(0, target.config.vocab_size, (length,), generator=generator) for length in (3, 11, 1, 6)]
+    ids, mask = left_padded(rows)
+    out = speculative_generate(target, draft, ids, mask, max_new_tokens=20, return_stats=True)
+    for index, row in enumerate(rows):
+        assert out.generated[index] == plain_greedy(target, row, 20), f"row {index}"
+    assert out.sequences.shape == (4, ids.shape[1] + 20)
+    assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
+
+
+@pytest.mark.parametrize("sample_from_anchor", [True, False])
+def test_rows_accept_different_amounts_and_stop_at_different_times(sample_from_anchor, monkeypatch):
+    target = tiny_llama(seed=3)
+    draft = tiny_draft(target, block_size=5, markov_rank=4, sample_from_anchor=sample_from_anchor)
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 128, (length,), generator=generator) for length in (4, 9, 2)]
+    continuations = [plain_greedy(target, row, 40) for row in rows]
+    # a stop token that the second row emits early; the others run to the budget or stop later
+    stop = continuations[1][7]
+    expected = [plain_greedy(target, row, 40, eos=stop) for row in rows]
+    assert len({len(tokens) for tokens in expected}) > 1, "rows must end at different times"
+    Oracle(draft, continuations, wrong_every=4, monkeypatch=monkeypatch)
+    ids, mask = left_padded(rows)
+    out = speculative_generate(target, draft, ids, mask, max_new_tokens=40, eos_token_id=stop, return_stats=True)
+    assert out.generated == expected
+    lengths = [row["acceptance_lengths"] for row in out.stats["per_row"]]
+    assert out.stats["mean_acceptance_length"] > 2.0, "the rigged draft must be accepted"
+    assert any(length > 1 for row in lengths for length in row)
+    assert len({tuple(row) for row in lengths}) > 1, "rows must advance by different amounts"
+
+
+def test_statistics_add_up_to_the_generated_tokens(monkeypatch):
+    target = tiny_qwen3(seed=5)
+    draft = tiny_draft(target, block_size=4, markov_rank=4, enable_confidence_head=True)
+    rows = [torch.randint(0, 160, (length,), generator=torch.Generator().manual_seed(length)) for length in (5, 8)]
+    Oracle(draft, [plain_greedy(target, row, 30) for row in rows], wrong_every=3, monkeypatch=monkeypatch)
+    ids, mask = left_padded(rows)
+    out = speculative_generate(target, draft, ids, mask, max_new_tokens=30, return_stats=True)
+    stats = out.stats
+    for row, generated in zip(stats["per_row"], out.generated):
+        # one token from the prefill, then each round's accepted drafts plus the target's bonus token
+        assert 1 + sum(row["acceptance_lengths"]) == len(generated) == 30
+        untruncated = row["acceptance_lengths"][:-1]
+        assert all(1 <= length <= draft.config.num_draft_tokens + 1 for length in untruncated)
+    assert stats["accepted"] + stats["rounds"] >= sum(len(g) for g in out.generated) - len(rows)
+    assert sum(stats["acceptance_length_histogram"]) == stats["rounds"]
+    per_position = stats["per_position_acceptance"]
+    assert per_position[0] is not None and 0 < per_position[0] <= 1
+    assert set(stats["seconds"]) >= {"prefill", "draft", "verify", "commit", "total"}
+
+
+def test_prompt_of_equal_lengths_needs_no_mask_and_returns_a_tensor():
+    target = tiny_llama(seed=4)
+    draft = tiny_draft(target)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    out = speculative_generate(target, draft, ids, max_new_tokens=9)
+    assert torch.equal(out, target.generate(ids, max_new_tokens=9, do_sample=False))
+    assert torch.equal(draft.speculative_generate(target, ids, max_new_tokens=9), out)
+    assert dspark.speculative_generate is speculative_generate
+
+
+def exact_two_token_distribution(target, prompt: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    processors = loop.sampling_processors(True, temperature, top_k, None)
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    with torch.no_grad():
+        first = torch.softmax(processors(empty, target(prompt[None]).logits[:, -1].float()), -1)[0]
+        vocab = first.shape[0]
+        follow = torch.cat([prompt[None].repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)
+        second_logits = target(follow).logits[:, -1].float()
+        second = torch.softmax(processors(torch.zeros(vocab, 0, dtype=torch.long), second_logits), -1)
+    return first[:, None] * second
+
+
+def sample_pairs(target, draft, prompt, samples: int, temperature: float, top_k: int | None) -> torch.Tensor:
+    counts = torch.zeros(target.config.vocab_size, target.config.vocab_size)
+    batch = 500
+    for _ in range(0, samples, batch):
+        ids = prompt[None].repeat(batch, 1)
+        out = speculative_generate(
+            target, draft, ids, max_new_tokens=2, do_sample=True, temperature=temperature, top_k=top_k
+        )
+        pairs = out[:, -2:]
+        counts.index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(batch), accumulate=True)
+    return counts
+
+
+def goodness_of_fit(counts: torch.Tensor, exact: torch.Tensor) -> float:
+    expected = (exact * counts.sum()).flatten()
+    observed = counts.flatten()
+    impossible = exact.flatten() == 0
+    assert observed[impossible].sum() == 0, "sampled a pair the target gives zero probability"
+    big = expected >= 5
+    small = ~big & ~impossible
+    merged_expected = torch.cat([expected[big], expected[small].sum()[None]])
+    merged_observed = torch.cat([observed[big], observed[small].sum()[None]])
+    if merged_expected[-1] == 0:
+        merged_expected, merged_observed = merged_expected[:-1], merged_observed[:-1]
+    merged_expected = merged_expected * merged_observed.sum() / merged_expected.sum()
+    return float(chisquare(merged_observed.numpy(), merged_expected.numpy()).pvalue)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.9, None), (1.3, 6)])
+def test_speculative_sampling_reproduces_the_targets_distribution(temperature, top_k):
+    target = tiny_llama(seed=6, vocab_size=16)
+    draft = tiny_draft(target, block_size=3, markov_rank=4)
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    exact = exact_two_token_distribution(target, prompt, temperature, top_k)
+    torch.manual_seed(0)
+    counts = sample_pairs(target, draft, prompt, 4000, temperature, top_k)
+    assert goodness_of_fit(counts, exact) > 1e-3
+
+
+def test_a_draft_that_misreports_q_is_caught_by_the_same_test(monkeypatch):
+    target = tiny_llama(seed=6, vocab_size=16)
+    draft = tiny_draft(target, block_size=3, markov_rank=4)
+    torch.nn.init.normal_(draft.markov_head.markov_w1.weight, std=1.0)  # a strong Markov correction
+    torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=1.5)
+    original = draft.draft_block
+
+    def misreporting_draft_block(draft_hidden, anchor_ids, choose_token, **kwargs):
+        block = original(draft_hidden, anchor_ids, choose_token, **kwargs)
+        block.q_logits = draft.block_logits(draft_hidden)[:, : block.tokens.shape[1]] / 0.9  # no Markov bias
+        return block
+
+    monkeypatch.setattr(draft, "draft_block", misreporting_draft_block)
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    exact = exact_two_token_distribution(target, prompt, 0.9, None)
+    torch.manual_seed(0)
+    counts = sample_pairs(target, draft, prompt, 4000, 0.9, None)
+    assert goodness_of_fit(counts, exact) < 1e-6
+
+
+def test_stateful_targets_are_refused_with_a_clear_message():
+    hybrid = tiny_qwen35()
+    draft = tiny_draft(tiny_llama(vocab_size=128), target_layer_ids=[1, 2])
+    with pytest.raises(NotImplementedError, match=r"recurrent state.*not implemented"):
+        speculative_generate(hybrid, draft, torch.randint(0, 128, (1, 4)), max_new_tokens=3)
+
+
+def test_right_padded_prompts_are_refused():
+    target = tiny_llama()
+    draft = tiny_draft(target)
+    ids = torch.randint(0, 128, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match=r"left-padded"):
+        speculative_generate(target, draft, ids, mask, max_new_tokens=3)
