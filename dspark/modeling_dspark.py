@@ -540,7 +540,7 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         markov_rank: int = 0,
         **config_overrides,
     ) -> DSparkDraftModel:
-        """A fresh (untrained) draft sized for `target`, bound to it.
+        """A fresh (untrained) draft sized for `target`, bound to it (hybrid targets included, for the own loop).
 
         The draft copies the target's attention/MLP shapes, RoPE and vocabulary size. Without explicit
         `target_layer_ids`, `num_target_features` layers are spread evenly over the target's depth.
@@ -573,17 +573,19 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
             **config_overrides,
         )
         draft = cls(config).to(device=target.device, dtype=target.dtype)
-        return draft.bind_target(target)
+        return draft.bind_target(target, allow_stateful=True)
 
     # -- the target ------------------------------------------------------------------------------------------------
 
-    def bind_target(self, target: PreTrainedModel) -> DSparkDraftModel:
+    def bind_target(self, target: PreTrainedModel, allow_stateful: bool = False) -> DSparkDraftModel:
         """Check that `target` fits this draft and remember it (weakly) as the source of features/embeddings.
 
         Binding attaches nothing to the target: hooks are armed only between a drafting round and the target's next
         forward, and remove themselves. Returns the draft, so `draft = AutoModel.from_pretrained(...).bind_target(t)`.
+        Stateful (hybrid) targets are refused unless `allow_stateful=True` (the package's own loop handles them;
+        transformers' assisted generation cannot).
         """
-        self.check_target(target)
+        self.check_target(target, allow_stateful=allow_stateful)
         self.unbind_target()
         self._target_ref = weakref.ref(target)
         return self

@@ -7,6 +7,10 @@ Rows advance by different amounts, so both caches are kept in a shared "slot" in
 whole verify block (anchor + N drafted slots) for every row, and entries that were rejected, never proposed, or belong
 to finished rows are masked out of attention by a per-row key mask. Positions (RoPE) follow each row's real tokens.
 
+Hybrid targets (Qwen3.5/3.6 linear attention) keep recurrent state that masking cannot undo: for them each round
+snapshots the recurrent states, verifies, restores the snapshot, trims the attention caches and replays only the kept
+tokens. Their rows run one at a time, since the kept lengths differ per row.
+
 Shapes: B rows, P prompt length, N = draft.config.num_draft_tokens, S = draft block size, V vocabulary.
 """
 
@@ -74,7 +78,7 @@ def choose_tokens(logits: torch.Tensor, processors: LogitsProcessorList, do_samp
 def prefill(target, draft, input_ids, attention_mask, processors, do_sample) -> LoopState:
     """Run the target on the prompts, emit each row's first token, keep the prompt features for the draft."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    cache = DynamicCache(config=target.config)  # the config adds the linear-attention layers of hybrid targets
     out = target(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -119,7 +123,8 @@ def draft_round(draft: DSparkDraftModel, state: LoopState, chooser_processors, d
 
 
 def verify_round(target, draft, state: LoopState, block, processors, do_sample, generator):
-    """One target forward over [anchor, drafted...] per row; returns the verdict and the block's features."""
+    """One target forward over [anchor, drafted...] per row; returns the verdict, the number of proposed tokens per
+    row, the block's features, slot offsets and the verified tokens."""
     tokens = torch.cat([state.anchor[:, None], block.tokens], dim=1)
     offsets = torch.arange(tokens.shape[1], device=tokens.device)
     proposed = torch.where(state.finished, torch.zeros_like(block.lengths), block.lengths)
@@ -139,16 +144,64 @@ def verify_round(target, draft, state: LoopState, block, processors, do_sample, 
         target_logits = processors(flat.new_zeros(flat.shape[0], 0, dtype=torch.long), flat).view_as(target_logits)
     verdict = verify(block.tokens, proposed, block.q_logits, target_logits, do_sample, generator)
     features = extract_target_features(out.hidden_states, draft.config.target_layer_ids)
-    return verdict, proposed, features, offsets
+    return verdict, proposed, features, offsets, tokens
+
+
+class RecurrentStateSnapshot:
+    """Copies of a hybrid cache's recurrent (conv and linear-attention) states and of its attention cache length."""
+
+    def __init__(self, cache: DynamicCache):
+        self.cache = cache
+        self.attention_length = cache.get_seq_length()
+        self.saved = [
+            (layer, _clone_states(layer.conv_states), _clone_states(getattr(layer, "recurrent_states", {})))
+            for layer in cache.layers
+            if hasattr(layer, "conv_states")
+        ]
+
+    def rewind(self) -> None:
+        """Put the recurrent states back and drop attention entries added since the snapshot."""
+        for layer, conv, recurrent in self.saved:
+            layer.conv_states.update(_clone_states(conv))
+            if recurrent:
+                layer.recurrent_states.update(_clone_states(recurrent))
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+                layer.keys = layer.keys[..., : self.attention_length, :]
+                layer.values = layer.values[..., : self.attention_length, :]
+
+
+def _clone_states(states: dict) -> dict:
+    return {index: None if state is None else state.clone() for index, state in states.items()}
+
+
+def rewind_and_replay(target, state: LoopState, snapshot: RecurrentStateSnapshot, tokens, verdict) -> None:
+    """Hybrid targets: undo the verify forward, then run the target over the kept tokens only (batch of one row)."""
+    snapshot.rewind()
+    keep = int(verdict.accepted[0]) + 1
+    state.target_keys = torch.cat([state.target_keys, state.target_keys.new_ones(1, keep)], dim=1)
+    target(
+        input_ids=tokens[:, :keep],
+        attention_mask=state.target_keys,
+        position_ids=state.anchor_position[:, None] + torch.arange(keep, device=tokens.device),
+        past_key_values=state.target_cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+
+
+def keep_verified_entries(state: LoopState, verdict, offsets) -> None:
+    """Attention-only targets: keep the anchor and accepted entries of the verify block, mask the rest."""
+    kept = (offsets[None] <= verdict.accepted[:, None]) & ~state.finished[:, None]
+    state.target_keys = torch.cat([state.target_keys, kept.long()], dim=1)
 
 
 def commit_round(state: LoopState, block, verdict, features, offsets, limits) -> list[int]:
-    """Keep each row's accepted prefix + next token; mask everything else; advance anchors; stop finished rows.
+    """Keep each row's accepted prefix + next token as draft context and output; advance anchors; stop finished rows.
 
     Returns the number of tokens each row emitted this round."""
     max_new_tokens, stop_ids = limits
     kept = (offsets[None] <= verdict.accepted[:, None]) & ~state.finished[:, None]
-    state.target_keys = torch.cat([state.target_keys, kept.long()], dim=1)
     state.context = features
     state.context_keys = kept.long()
     state.context_positions = state.anchor_position[:, None] + offsets
@@ -207,12 +260,8 @@ def speculative_generate(
     (prompt as given, then each row's tokens, right-padded with `pad_token_id`), or a `SpeculativeOutput` with
     per-row acceptance statistics and wall times when `return_stats=True`.
     """
-    draft.check_target(target, allow_stateful=True)
-    if target_is_stateful(target):
-        raise NotImplementedError(
-            f"dspark: {type(target).__name__} keeps recurrent state; rolling it back after a partial acceptance is not "
-            "implemented in speculative_generate yet. Decode it without a draft for now."
-        )
+    if draft.target is not target:
+        draft.bind_target(target, allow_stateful=True)
     if max_new_tokens < 1:
         raise ValueError(f"dspark: max_new_tokens={max_new_tokens} must be >= 1")
     if attention_mask is None:
@@ -227,9 +276,40 @@ def speculative_generate(
         pad_token_id = target.generation_config.pad_token_id
     if pad_token_id is None:
         pad_token_id = min(stop_ids) if stop_ids else 0
-    processors = sampling_processors(do_sample, temperature, top_k, top_p)
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        processors=sampling_processors(do_sample, temperature, top_k, top_p),
+        stop_ids=stop_ids,
+        generator=generator,
+    )
     attention_mask = attention_mask.long()
-    stats = AcceptanceStats(num_slots=draft.config.num_draft_tokens)
+    if target_is_stateful(target):
+        # Recurrent state is rewound per row (kept lengths differ), so hybrid rows run one at a time.
+        rows = [input_ids[row : row + 1, attention_mask[row].bool()] for row in range(input_ids.shape[0])]
+        runs = [_generate(target, draft, row, torch.ones_like(row), **settings) for row in rows]
+    else:
+        runs = [_generate(target, draft, input_ids, attention_mask, **settings)]
+    generated = [tokens for run in runs for tokens in run.generated]
+    sequences = assemble(input_ids, generated, pad_token_id)
+    if not return_stats:
+        return sequences
+    stats = AcceptanceStats.concatenate([run.acceptance for run in runs]).summary()
+    seconds = {phase: sum(run.seconds[phase] for run in runs) for phase in runs[0].seconds}
+    return SpeculativeOutput(sequences, generated, {**stats, "seconds": seconds})
+
+
+@dataclass
+class RunResult:
+    generated: list[list[int]]
+    acceptance: AcceptanceStats
+    seconds: dict[str, float]
+
+
+def _generate(target, draft, input_ids, attention_mask, max_new_tokens, do_sample, processors, stop_ids, generator):
+    """The loop for one batch whose rows can share the target cache (all rows, or one row of a hybrid target)."""
+    stateful = target_is_stateful(target)
+    acceptance = AcceptanceStats(num_slots=draft.config.num_draft_tokens)
     seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "commit": 0.0}
 
     started = time.perf_counter()
@@ -241,18 +321,20 @@ def speculative_generate(
         block = draft_round(draft, state, processors, do_sample)
         tock = time.perf_counter()
         seconds["draft"] += tock - tick
-        verdict, proposed, features, offsets = verify_round(
+        snapshot = RecurrentStateSnapshot(state.target_cache) if stateful else None
+        verdict, proposed, features, offsets, tokens = verify_round(
             target, draft, state, block, processors, do_sample, generator
         )
-        seconds["verify"] += time.perf_counter() - tock
-        tock = time.perf_counter()
+        if stateful:
+            rewind_and_replay(target, state, snapshot, tokens, verdict)
+        else:
+            keep_verified_entries(state, verdict, offsets)
+        tick = time.perf_counter()
+        seconds["verify"] += tick - tock
         active = ~state.finished
         emitted = commit_round(state, block, verdict, features, offsets, (max_new_tokens, stop_ids))
-        stats.record(verdict.accepted, proposed, active, emitted)
-        seconds["commit"] += time.perf_counter() - tock
+        acceptance.record(verdict.accepted, proposed, active, emitted)
+        seconds["commit"] += time.perf_counter() - tick
 
-    sequences = assemble(input_ids, state.generated, pad_token_id)
-    if not return_stats:
-        return sequences
     seconds["total"] = time.perf_counter() - started
-    return SpeculativeOutput(sequences, state.generated, {**stats.summary(), "seconds": seconds})
+    return RunResult(state.generated, acceptance, seconds)

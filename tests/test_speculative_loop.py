@@ -203,11 +203,38 @@ def test_a_draft_that_misreports_q_is_caught_by_the_same_test(monkeypatch):
     assert goodness_of_fit(counts, exact) < 1e-6
 
 
-def test_stateful_targets_are_refused_with_a_clear_message():
-    hybrid = tiny_qwen35()
-    draft = tiny_draft(tiny_llama(vocab_size=128), target_layer_ids=[1, 2])
-    with pytest.raises(NotImplementedError, match=r"recurrent state.*not implemented"):
-        speculative_generate(hybrid, draft, torch.randint(0, 128, (1, 4)), max_new_tokens=3)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hybrid_target_greedy_matches_plain_generate_after_partial_acceptances(seed, monkeypatch):
+    target = tiny_qwen35(seed=seed)
+    draft = tiny_draft(target, block_size=5, markov_rank=4)
+    prompt = torch.randint(0, 128, (7,), generator=torch.Generator().manual_seed(seed))
+    expected = plain_greedy(target, prompt, 30)
+    Oracle(draft, [expected], wrong_every=3, monkeypatch=monkeypatch)
+    out = speculative_generate(target, draft, prompt[None], max_new_tokens=30, return_stats=True)
+    assert out.generated == [expected]
+    lengths = out.stats["per_row"][0]["acceptance_lengths"]
+    assert max(lengths) > 1 and min(lengths[:-1]) < draft.config.num_draft_tokens + 1, "needs partial acceptances"
+
+
+def test_hybrid_target_batches_rows_of_different_lengths():
+    target = tiny_qwen35(seed=4)
+    draft = tiny_draft(target, block_size=4, markov_rank=4)
+    generator = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 128, (length,), generator=generator) for length in (2, 9, 5)]
+    ids, mask = left_padded(rows)
+    out = speculative_generate(target, draft, ids, mask, max_new_tokens=12, return_stats=True)
+    assert out.generated == [plain_greedy(target, row, 12) for row in rows]
+    assert len(out.stats["per_row"]) == 3
+
+
+def test_hybrid_target_sampling_reproduces_the_targets_distribution():
+    target = tiny_qwen35(seed=6, vocab_size=16)
+    draft = tiny_draft(target, block_size=3, markov_rank=4)
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    exact = exact_two_token_distribution(target, prompt, 0.9, None)
+    torch.manual_seed(0)
+    counts = sample_pairs(target, draft, prompt, 2000, 0.9, None)
+    assert goodness_of_fit(counts, exact) > 1e-3
 
 
 def test_right_padded_prompts_are_refused():
