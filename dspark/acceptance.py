@@ -98,3 +98,12 @@ class AcceptanceStats:
                 for row in self.rows
             ],
         }
+
+
+def expected_acceptance_length(slot_acceptance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[..., N] per-slot acceptance probabilities (given the prefix) -> [...] expected tokens per round, bonus included.
+
+    E[accepted] = sum_k prod_{j<=k} alpha_j over the valid (contiguous) slots; + 1 for the target's own token.
+    """
+    survival = (slot_acceptance * valid).cumprod(dim=-1)
+    return 1.0 + survival.sum(dim=-1)

@@ -699,6 +699,31 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         past_key_values: cache of earlier context keys/values; context and block entries are appended (the caller
             crops the block entries afterwards, as transformers' DFlash path does with `crop(-block_size)`).
         """
+        hidden = self.backbone(noise_embeds, context_hidden_states, position_ids, attention_mask, past_key_values)
+        draft_hidden = hidden[:, self.first_drafting_slot :]
+        return DSparkDraftOutput(
+            last_hidden_state=torch.cat([hidden[:, :1], draft_hidden], dim=1),
+            draft_hidden_states=draft_hidden,
+            past_key_values=past_key_values,
+        )
+
+    @property
+    def first_drafting_slot(self) -> int:
+        """0 when every slot predicts (DSpark, anchor included), 1 when slots 1.. predict (DFlash)."""
+        return 0 if self.config.sample_from_anchor else 1
+
+    def backbone(
+        self,
+        noise_embeds: torch.Tensor,
+        context_hidden_states: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B, S, H] of every block slot (arguments as in `forward`).
+
+        S may hold several packed blocks when a 4-D mask keeps them apart (training, offline evaluation).
+        """
         batch, slots, _ = noise_embeds.shape
         context = self.project_context(context_hidden_states, batch)
         if position_ids is None:
@@ -715,13 +740,7 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         hidden = noise_embeds.to(self.norm.weight.dtype)
         for layer in self.layers:
             hidden = layer(hidden, context, cos, sin, key_mask, past_key_values)
-        hidden = self.norm(hidden)
-        draft_hidden = hidden if self.config.sample_from_anchor else hidden[:, 1:]
-        return DSparkDraftOutput(
-            last_hidden_state=torch.cat([hidden[:, :1], draft_hidden], dim=1),
-            draft_hidden_states=draft_hidden,
-            past_key_values=past_key_values,
-        )
+        return self.norm(hidden)
 
     @staticmethod
     def _key_mask(attention_mask: torch.Tensor | None, slots: int) -> torch.Tensor | None:
@@ -750,10 +769,25 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         head = self.output_head()
         return head(draft_hidden.to(head.weight.dtype)).float()
 
+    def slot_logits(
+        self, base_logits: torch.Tensor, previous_tokens: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        """Markov-corrected logits [..., V] (float32): U + W2(W1[x_prev]) (just U without a Markov head).
+
+        base_logits: [..., V] from `block_logits`; previous_tokens: [...] the token before the slot's; hidden: [..., H].
+        """
+        if self.markov_head is None:
+            return base_logits
+        return base_logits + self.markov_head(previous_tokens, hidden).float()
+
+    def slot_confidence_logit(self, previous_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Confidence-head logit [...] (float32) that the slot's token is accepted given all earlier ones were."""
+        embedding = self.markov_head.markov_w1(previous_tokens) if self.confidence_head.with_markov else None
+        return self.confidence_head(hidden, embedding)
+
     def slot_confidence(self, previous_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Probability [...] that the slot's token is accepted given all earlier ones were (sigmoid of the head)."""
-        embedding = self.markov_head.markov_w1(previous_tokens) if self.confidence_head.with_markov else None
-        return torch.sigmoid(self.confidence_head(hidden, embedding))
+        return torch.sigmoid(self.slot_confidence_logit(previous_tokens, hidden))
 
     def draft_block(
         self,
@@ -793,10 +827,7 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
                     if bool(stopped.all()):
                         break
                 confidences.append(confidence)
-            logits = base_logits[:, slot]
-            if self.markov_head is not None:
-                logits = logits + self.markov_head(previous, hidden).float()
-            processed, previous = choose_token(logits)
+            processed, previous = choose_token(self.slot_logits(base_logits[:, slot], previous, hidden))
             tokens.append(previous)
             q_logits.append(processed)
         return DraftBlock(

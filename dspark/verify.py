@@ -90,3 +90,13 @@ def verify(
             raise ValueError("dspark: sampling verification needs the draft's logits (q)")
         return verify_sampling(draft_tokens, draft_lengths, draft_logits, target_logits, generator)
     return verify_greedy(draft_tokens, draft_lengths, target_logits)
+
+
+def acceptance_probability(target_logits: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] x [..., V] -> [...]: probability that rejection sampling keeps a token drawn from q, sum_x min(p, q).
+
+    Equals 1 - TV(p, q); the expected acceptance of one slot given its prefix was kept.
+    """
+    p = torch.softmax(target_logits.float(), dim=-1)
+    q = torch.softmax(draft_logits.float(), dim=-1)
+    return torch.minimum(p, q).sum(dim=-1)

@@ -1,0 +1,1 @@
+"""On-policy DSpark draft training: data, objective, loop."""
