@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_dspark import DSparkConfig
 from .modeling_dspark import DraftBlock, DSparkDraftModel, extract_target_features
-from .speculative import SpeculativeOutput, speculative_generate
+from .speculative import RoundEvent, SpeculativeOutput, speculative_generate
 
 AutoConfig.register("dspark", DSparkConfig, exist_ok=True)
 AutoModel.register(DSparkConfig, DSparkDraftModel, exist_ok=True)
@@ -15,6 +15,7 @@ __all__ = [
     "DSparkConfig",
     "DSparkDraftModel",
     "DraftBlock",
+    "RoundEvent",
     "SpeculativeOutput",
     "extract_target_features",
     "speculative_generate",

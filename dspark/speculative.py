@@ -17,6 +17,7 @@ Shapes: B rows, P prompt length, N = draft.config.num_draft_tokens, S = draft bl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,31 @@ class SpeculativeOutput:
     sequences: torch.Tensor
     generated: list[list[int]]
     stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class RoundEvent:
+    """What one row did in one round, for streaming and visualisation (`on_round` callback).
+
+    accepted: drafted tokens the target kept; rejected: drafted tokens proposed after them and thrown away;
+    next_token: the target's own token after the kept ones (a bonus when nothing was rejected, else the correction);
+    emitted: the tokens appended to the row's output this round (shorter when a stop token or the budget cut it);
+    first: True for the token the prefill produced (no draft involved).
+    """
+
+    row: int
+    accepted: list[int]
+    rejected: list[int]
+    next_token: int
+    emitted: list[int]
+    first: bool = False
+
+    @property
+    def bonus(self) -> bool:
+        return not self.first and not self.rejected
+
+
+RoundCallback = Callable[[RoundEvent], None]
 
 
 @dataclass
@@ -223,11 +249,35 @@ def commit_round(state: LoopState, block, verdict, features, offsets, limits) ->
     return emitted
 
 
-def emit_first_tokens(state: LoopState, max_new_tokens: int, stop_ids: set[int]) -> None:
+def emit_first_tokens(state: LoopState, max_new_tokens: int, stop_ids: set[int]) -> list[RoundEvent]:
+    events = []
     for row, token in enumerate(state.anchor.tolist()):
         state.generated[row].append(token)
+        events.append(RoundEvent(row, [], [], token, [token], first=True))
         if token in stop_ids or max_new_tokens <= 1:
             state.finished[row] = True
+    return events
+
+
+def round_events(block, verdict, proposed, active, emitted: list[int], state: LoopState) -> list[RoundEvent]:
+    """Per-row `RoundEvent`s of the round just committed (rows that took part only)."""
+    events = []
+    drafted, accepted, lengths = block.tokens.tolist(), verdict.accepted.tolist(), proposed.tolist()
+    for row, (took_part, count) in enumerate(zip(active.tolist(), emitted)):
+        if not took_part:
+            continue
+        kept = accepted[row]
+        output = state.generated[row]
+        events.append(
+            RoundEvent(
+                row=row,
+                accepted=drafted[row][:kept],
+                rejected=drafted[row][kept : lengths[row]],
+                next_token=int(verdict.next_tokens[row]),
+                emitted=output[len(output) - count :],
+            )
+        )
+    return events
 
 
 def assemble(input_ids: torch.Tensor, generated: list[list[int]], pad_token_id: int) -> torch.Tensor:
@@ -253,12 +303,14 @@ def speculative_generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     return_stats: bool = False,
+    on_round: RoundCallback | None = None,
 ) -> torch.Tensor | SpeculativeOutput:
     """Generate with `draft` proposing and `target` verifying; greedy output equals the target's own, sampling is exact.
 
     input_ids: [B, P] prompts, left-padded where `attention_mask` [B, P] has zeros. Returns [B, P + T] sequences
     (prompt as given, then each row's tokens, right-padded with `pad_token_id`), or a `SpeculativeOutput` with
-    per-row acceptance statistics and wall times when `return_stats=True`.
+    per-row acceptance statistics and wall times when `return_stats=True`. `on_round`, if given, receives a
+    `RoundEvent` per row and round as soon as the round is verified (streaming, visualisation).
     """
     if draft.target is not target:
         draft.bind_target(target, allow_stateful=True)
@@ -287,9 +339,12 @@ def speculative_generate(
     if target_is_stateful(target):
         # Recurrent state is rewound per row (kept lengths differ), so hybrid rows run one at a time.
         rows = [input_ids[row : row + 1, attention_mask[row].bool()] for row in range(input_ids.shape[0])]
-        runs = [_generate(target, draft, row, torch.ones_like(row), **settings) for row in rows]
+        runs = [
+            _generate(target, draft, row, torch.ones_like(row), **settings, on_round=_renumber(on_round, index))
+            for index, row in enumerate(rows)
+        ]
     else:
-        runs = [_generate(target, draft, input_ids, attention_mask, **settings)]
+        runs = [_generate(target, draft, input_ids, attention_mask, **settings, on_round=on_round)]
     generated = [tokens for run in runs for tokens in run.generated]
     sequences = assemble(input_ids, generated, pad_token_id)
     if not return_stats:
@@ -299,6 +354,18 @@ def speculative_generate(
     return SpeculativeOutput(sequences, generated, {**stats, "seconds": seconds})
 
 
+def _renumber(on_round: RoundCallback | None, row: int) -> RoundCallback | None:
+    """Hybrid rows run one at a time as batches of one; report them under their row in the caller's batch."""
+    if on_round is None:
+        return None
+
+    def forward(event: RoundEvent) -> None:
+        event.row = row
+        on_round(event)
+
+    return forward
+
+
 @dataclass
 class RunResult:
     generated: list[list[int]]
@@ -306,7 +373,9 @@ class RunResult:
     seconds: dict[str, float]
 
 
-def _generate(target, draft, input_ids, attention_mask, max_new_tokens, do_sample, processors, stop_ids, generator):
+def _generate(
+    target, draft, input_ids, attention_mask, max_new_tokens, do_sample, processors, stop_ids, generator, on_round
+):
     """The loop for one batch whose rows can share the target cache (all rows, or one row of a hybrid target)."""
     stateful = target_is_stateful(target)
     acceptance = AcceptanceStats(num_slots=draft.config.num_draft_tokens)
@@ -314,8 +383,11 @@ def _generate(target, draft, input_ids, attention_mask, max_new_tokens, do_sampl
 
     started = time.perf_counter()
     state = prefill(target, draft, input_ids, attention_mask, processors, do_sample)
-    emit_first_tokens(state, max_new_tokens, stop_ids)
+    first_events = emit_first_tokens(state, max_new_tokens, stop_ids)
     seconds["prefill"] = time.perf_counter() - started
+    if on_round is not None:
+        for event in first_events:
+            on_round(event)
     while not bool(state.finished.all()):
         tick = time.perf_counter()
         block = draft_round(draft, state, processors, do_sample)
@@ -335,6 +407,9 @@ def _generate(target, draft, input_ids, attention_mask, max_new_tokens, do_sampl
         emitted = commit_round(state, block, verdict, features, offsets, (max_new_tokens, stop_ids))
         acceptance.record(verdict.accepted, proposed, active, emitted)
         seconds["commit"] += time.perf_counter() - tick
+        if on_round is not None:
+            for event in round_events(block, verdict, proposed, active, emitted, state):
+                on_round(event)
 
     seconds["total"] = time.perf_counter() - started
     return RunResult(state.generated, acceptance, seconds)

@@ -122,6 +122,29 @@ def test_statistics_add_up_to_the_generated_tokens(monkeypatch):
     assert set(stats["seconds"]) >= {"prefill", "draft", "verify", "commit", "total"}
 
 
+def test_round_events_rebuild_each_rows_output_and_mark_accepted_rejected_and_bonus(monkeypatch):
+    target = tiny_llama(seed=4)
+    draft = tiny_draft(target, block_size=4, markov_rank=4)
+    rows = [torch.randint(0, 128, (length,), generator=torch.Generator().manual_seed(length)) for length in (3, 7)]
+    continuations = [plain_greedy(target, row, 25) for row in rows]
+    Oracle(draft, continuations, wrong_every=7, monkeypatch=monkeypatch)
+    events = []
+    ids, mask = left_padded(rows)
+    out = speculative_generate(target, draft, ids, mask, max_new_tokens=25, return_stats=True, on_round=events.append)
+    for index, stats in enumerate(out.stats["per_row"]):
+        mine = [event for event in events if event.row == index]
+        assert mine[0].first and mine[0].emitted == [continuations[index][0]]
+        assert [token for event in mine for token in event.emitted] == out.generated[index]
+        rounds = mine[1:]
+        assert [len(event.emitted) for event in rounds] == stats["acceptance_lengths"]
+        for event in rounds[:-1]:  # the last round may be cut by the budget
+            assert event.emitted == [*event.accepted, event.next_token]
+            assert event.bonus == (len(event.accepted) == draft.config.num_draft_tokens)
+            if event.rejected:
+                assert event.rejected[0] != event.next_token  # the target replaced the first rejected token
+    assert any(event.rejected for event in events) and any(event.bonus for event in events)
+
+
 def test_prompt_of_equal_lengths_needs_no_mask_and_returns_a_tensor():
     target = tiny_llama(seed=4)
     draft = tiny_draft(target)

@@ -210,3 +210,13 @@ def test_a_draft_for_another_target_cannot_warm_start(tmp_path, peaked_target, r
     export_checkpoint(tiny_draft(other, block_size=4), tmp_path / "other")
     with pytest.raises(ValueError, match="vocab"):
         Trainer(small_config(tmp_path, init_from=str(tmp_path / "other")), records=records, target=peaked_target)
+
+
+def test_a_time_budget_shortens_the_run_and_its_schedule_but_still_finishes(tmp_path, peaked_target, records):
+    trainer = Trainer(
+        small_config(tmp_path, max_steps=100_000, time_budget_minutes=0.01), records=records, target=peaked_target
+    )
+    trainer.run()
+    assert 11 <= trainer.step < 100_000 and trainer.total_steps == trainer.step
+    assert trainer.scheduler.get_last_lr()[0] < 0.05 * trainer.config.learning_rate  # the cosine reached its end
+    assert (tmp_path / "run" / "final" / "config.json").is_file()

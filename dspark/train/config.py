@@ -51,6 +51,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     epochs: float = 1.0
     max_steps: int = 0
+    time_budget_minutes: float = 0.0
     mixed_precision: str = "auto"
     seed: int = 0
     # bookkeeping
@@ -65,7 +66,7 @@ class TrainConfig:
     def validate(self) -> None:
         problems = []
         if not self.data_dir:
-            problems.append("data_dir is required (a folder written by `dspark data respond`)")
+            problems.append("data_dir is required (folders written by `dspark data respond`, joined with commas)")
         for name in ("max_length", "block_size", "num_anchors", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

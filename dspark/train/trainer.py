@@ -13,12 +13,14 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import pair
 from ..anchors import sample_anchors
 from ..modeling_dspark import DSparkDraftModel
 from ..provenance import run_provenance
@@ -108,26 +110,11 @@ def collate(records: list[dict], pad_token_id: int) -> Batch:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
-
-
 def load_target(config: TrainConfig, device: torch.device):
     """(target, pad_token_id) for `config.target`: `smollm2` (the offline real model) or a HF path."""
-    dtype = resolve_dtype(config.target_dtype, device)
-    if config.target == "smollm2":
-        from ..targets import load_smollm2
-
-        target, tokenizer = load_smollm2(device=device, dtype=dtype)
-        return target, tokenizer.pad_token_id
-    from transformers import AutoModelForCausalLM
-
-    target = AutoModelForCausalLM.from_pretrained(config.target, dtype=dtype).to(device).eval()
-    pad = target.generation_config.pad_token_id
-    pad = pad if pad is not None else target.generation_config.eos_token_id
-    return target, (pad[0] if isinstance(pad, list) else pad) or 0
+    target, tokenizer = pair.load_target(config.target, device, config.target_dtype)
+    pad = tokenizer.pad_token_id if tokenizer is not None else target.generation_config.pad_token_id
+    return target, pad
 
 
 def build_draft(config: TrainConfig, target: nn.Module) -> DSparkDraftModel:
@@ -167,10 +154,12 @@ def build_draft(config: TrainConfig, target: nn.Module) -> DSparkDraftModel:
     return draft.to(target.device).float().bind_target(target, allow_stateful=True)
 
 
-def learning_rate_lambda(config: TrainConfig, total_steps: int):
-    warmup = max(1, int(config.warmup_fraction * total_steps))
+def learning_rate_lambda(config: TrainConfig, steps: Callable[[], int]):
+    """Warmup then cosine decay over `steps()` optimizer steps (read on every call: a time budget may shorten it)."""
 
     def factor(step: int) -> float:
+        total_steps = steps()
+        warmup = max(1, int(config.warmup_fraction * total_steps))
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
@@ -232,7 +221,8 @@ class Trainer:
         if records is None:
             from .responses import load_response_dataset
 
-            records = load_response_dataset(config.data_dir)
+            # several datasets (e.g. greedy and sampled answers) are joined with commas
+            records = [r for folder in config.data_dir.split(",") for r in load_response_dataset(folder.strip())]
         self.train_records, self.heldout_records = split_records(prepare_records(records, config), config)
         torch.manual_seed(config.seed)  # the fresh draft's initial weights are part of the run's definition
         self.draft = build_draft(config, self.target)
@@ -246,7 +236,7 @@ class Trainer:
         self.total_steps = config.max_steps or max(1, int(config.epochs * len(self.train_records) / per_step))
         trainable = [p for p in objective.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, self.total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, lambda: self.total_steps))
         self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
         # The schedule counts optimizer steps; accelerate's scheduler wrapper would step it once per process.
         self.scheduler = scheduler
@@ -402,6 +392,7 @@ class Trainer:
         if self.config.stop_after_steps:
             stop_at = min(stop_at, self.step + self.config.stop_after_steps)
         window_tokens, window_start = 0, time.perf_counter()
+        run_started, self._budget_step = time.perf_counter(), self.step
         last_eval: dict = {}
         while self.step < stop_at:
             try:
@@ -412,7 +403,10 @@ class Trainer:
                     "keep the effective batch), lower --num-anchors or --max-length, or use more GPUs."
                 ) from error
             window_tokens += tokens
+            self._fit_time_budget(run_started)
+            stop_at = min(stop_at, self.total_steps)
             if progress is not None:
+                progress.total = self.total_steps
                 progress.update(1)
             if self.step % self.config.log_every == 0 or self.step == stop_at:
                 elapsed = time.perf_counter() - window_start
@@ -453,6 +447,36 @@ class Trainer:
                 self.log(last_eval)
         self.save_final()
         return last_eval or {"step": self.step}
+
+    def _fit_time_budget(self, run_started: float) -> None:
+        """With `time_budget_minutes`, shrink the run (and its cosine schedule) to what fits, once 10 steps are timed.
+
+        Timing starts after the first step, which pays one-off costs (allocator warm-up, kernel selection).
+        """
+        budget = self.config.time_budget_minutes * 60
+        done = self.step - self._budget_step
+        if budget <= 0 or done < 1:
+            return
+        if done == 1:
+            self._budget_clock = (time.perf_counter(), self.step)
+            return
+        started, first_step = self._budget_clock
+        if self.step - first_step != 10:
+            return
+        seconds_per_step = (time.perf_counter() - started) / 10
+        # leave room for evaluations (about one step per held-out batch) and the final save
+        evaluations = 1 + (self.total_steps // self.config.eval_every if self.config.eval_every else 0)
+        eval_steps = evaluations * math.ceil(
+            min(len(self.heldout_records), self.config.eval_sequences) / self.config.batch_size
+        )
+        remaining = budget - (time.perf_counter() - run_started) - eval_steps * seconds_per_step
+        fits = self.step + max(0, int(remaining / seconds_per_step))
+        if fits < self.total_steps:
+            self.accelerator.print(
+                f"dspark train: {seconds_per_step * 1000:.0f} ms/step; the {self.config.time_budget_minutes:g}-minute "
+                f"budget fits {fits} of {self.total_steps} steps, so the schedule is shortened to {fits}"
+            )
+            self.total_steps = fits
 
     def save_final(self) -> Path:
         final = self.output_dir / FINAL_DIR
