@@ -42,7 +42,7 @@ def run_provenance(device: torch.device | str) -> dict:
     """A dict to store beside every result: enough to rerun the measurement and to judge it."""
     return {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device_description(device),
         "host": platform.node(),
         "python": platform.python_version(),

@@ -234,6 +234,7 @@ class Trainer:
         per_step = config.batch_size * config.gradient_accumulation_steps * world
         self.micro_batches_per_epoch = len(self.train_records) // (config.batch_size * world)
         self.total_steps = config.max_steps or max(1, int(config.epochs * len(self.train_records) / per_step))
+        self.planned_steps = self.total_steps
         trainable = [p for p in objective.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, lambda: self.total_steps))
@@ -388,13 +389,12 @@ class Trainer:
             (self.output_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
             (self.output_dir / "provenance.json").write_text(json.dumps(run_provenance(self.device), indent=2))
         progress = self._progress()
-        stop_at = self.total_steps
-        if self.config.stop_after_steps:
-            stop_at = min(stop_at, self.step + self.config.stop_after_steps)
+        # a deliberate early stop (to test or to split a run); the time budget may move total_steps either way
+        stop_after = self.step + self.config.stop_after_steps if self.config.stop_after_steps else None
         window_tokens, window_start = 0, time.perf_counter()
         run_started, self._budget_step = time.perf_counter(), self.step
         last_eval: dict = {}
-        while self.step < stop_at:
+        while self.step < (self.total_steps if stop_after is None else min(self.total_steps, stop_after)):
             try:
                 result, tokens = self.train_step()
             except torch.OutOfMemoryError as error:
@@ -404,11 +404,10 @@ class Trainer:
                 ) from error
             window_tokens += tokens
             self._fit_time_budget(run_started)
-            stop_at = min(stop_at, self.total_steps)
             if progress is not None:
                 progress.total = self.total_steps
                 progress.update(1)
-            if self.step % self.config.log_every == 0 or self.step == stop_at:
+            if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "split": "train",
@@ -449,9 +448,10 @@ class Trainer:
         return last_eval or {"step": self.step}
 
     def _fit_time_budget(self, run_started: float) -> None:
-        """With `time_budget_minutes`, shrink the run (and its cosine schedule) to what fits, once 10 steps are timed.
+        """With `time_budget_minutes`, fit the run (and its cosine schedule) to the budget from the measured step time.
 
-        Timing starts after the first step, which pays one-off costs (allocator warm-up, kernel selection).
+        The estimate is refreshed at 10, 30, 100 and 300 steps (early steps are slower: allocator warm-up, kernel
+        selection, other jobs starting), never beyond the configured length. Timing starts after the first step.
         """
         budget = self.config.time_budget_minutes * 60
         done = self.step - self._budget_step
@@ -461,20 +461,18 @@ class Trainer:
             self._budget_clock = (time.perf_counter(), self.step)
             return
         started, first_step = self._budget_clock
-        if self.step - first_step != 10:
+        if self.step - first_step not in (10, 30, 100, 300):
             return
-        seconds_per_step = (time.perf_counter() - started) / 10
+        seconds_per_step = (time.perf_counter() - started) / (self.step - first_step)
         # leave room for evaluations (about one step per held-out batch) and the final save
-        evaluations = 1 + (self.total_steps // self.config.eval_every if self.config.eval_every else 0)
-        eval_steps = evaluations * math.ceil(
-            min(len(self.heldout_records), self.config.eval_sequences) / self.config.batch_size
-        )
-        remaining = budget - (time.perf_counter() - run_started) - eval_steps * seconds_per_step
-        fits = self.step + max(0, int(remaining / seconds_per_step))
-        if fits < self.total_steps:
+        heldout_batches = math.ceil(min(len(self.heldout_records), self.config.eval_sequences) / self.config.batch_size)
+        evaluations = 1 + (self.planned_steps // self.config.eval_every if self.config.eval_every else 0)
+        remaining = budget - (time.perf_counter() - run_started) - evaluations * heldout_batches * seconds_per_step
+        fits = min(self.planned_steps, self.step + max(0, int(remaining / seconds_per_step)))
+        if fits != self.total_steps:
             self.accelerator.print(
                 f"dspark train: {seconds_per_step * 1000:.0f} ms/step; the {self.config.time_budget_minutes:g}-minute "
-                f"budget fits {fits} of {self.total_steps} steps, so the schedule is shortened to {fits}"
+                f"budget fits {fits} of {self.planned_steps} steps; the schedule now ends at step {fits}"
             )
             self.total_steps = fits
 

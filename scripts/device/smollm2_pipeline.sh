@@ -3,7 +3,8 @@
 # `source scripts/device/device_stage.sh assemble` (see scripts/device/stage_smollm2.py), one stage per call:
 #
 #   bash scripts/device/smollm2_pipeline.sh data   # prompts + on-policy answers (greedy and T=0.7) -> /tmp/dspark_data
-#   bash scripts/device/smollm2_pipeline.sh train  # 4 variants in parallel, time-boxed -> /tmp/dspark_runs, + eval
+#   bash scripts/device/smollm2_pipeline.sh train  # 4 variants (DSpark/DFlash x 1/2 layers), time-boxed, in parallel
+#   bash scripts/device/smollm2_pipeline.sh default  # the shipped draft + its DFlash ablation, then evaluation
 #
 # Everything worth keeping is copied to $OUT; /tmp survives only while the machine stays warm (~30 s between calls).
 set -euo pipefail
@@ -18,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gp
 case "$1" in
   data)
     mkdir -p "$DATA"
-    python3 -m dspark.cli data prompts --source topics:4000 --source code:2000 --source math:1500 \
+    python3 -m dspark.cli data prompts --source topics:4750 --source code:490 --source math:1500 \
       --seed "$PROMPT_SEED" --out "$DATA/prompts.jsonl"
     python3 - "$DATA/prompts.jsonl" <<'EOF'
 import json, sys
@@ -54,8 +55,26 @@ EOF
     tar -czf "$OUT/runs_metrics.tar.gz" -C "$RUNS" --exclude='checkpoints' --exclude='*.safetensors' .
     ls -la "$OUT"
     ;;
+  default)
+    # the shipped draft and its DFlash-only ablation, same data and time budget, then evaluation and speed
+    if [ ! -d "$DATA/greedy" ]; then
+      mkdir -p "$DATA" && tar -xzf .stage/data/data.tar.gz -C "$DATA"
+    fi
+    mkdir -p "$RUNS"
+    common=(--config configs/train/smollm2_dspark.yaml --data-dir "$DATA/greedy,$DATA/sampled"
+            --time-budget-minutes "$TRAIN_MINUTES" --progress false)
+    python3 -m dspark.cli train "${common[@]}" --output-dir "$RUNS/dspark" > "$RUNS/dspark.log" 2>&1 &
+    python3 -m dspark.cli train "${common[@]}" --output-dir "$RUNS/dflash" \
+      --markov-rank 0 --enable-confidence-head false > "$RUNS/dflash.log" 2>&1 &
+    wait || true
+    grep -h "budget\|Error\|error" "$RUNS"/*.log || true
+    tar -czf "$OUT/runs_default.tar.gz" -C "$RUNS" --exclude='checkpoints' --exclude='*.safetensors' .
+    python3 benchmarks/smollm2_default.py --draft "dflash=$RUNS/dflash/final" --draft "dspark=$RUNS/dspark/final" \
+      --ship dspark --out "$OUT" --speed-prompts 3 --speed-tokens 128
+    ls -la "$OUT" "$OUT/shipped"
+    ;;
   *)
-    echo "usage: smollm2_pipeline.sh data|train" >&2
+    echo "usage: smollm2_pipeline.sh data|train|default" >&2
     exit 2
     ;;
 esac
