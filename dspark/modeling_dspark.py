@@ -874,10 +874,11 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
     def _new_context(self, target: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Target features for positions [d, L - 1) not yet in the draft cache; None on the first round."""
         cached = 0 if self._cached_ids is None else self._cached_ids.shape[1]
-        if cached and not torch.equal(input_ids[:, :cached], self._cached_ids):
-            self._reset_drafting_state()  # a new sequence: earlier context and captures are stale
-            cached = 0
         needed = input_ids.shape[1] - 1
+        # A new sequence (or the same prompt again, where the cache runs past the new context): start afresh.
+        if cached and (cached > needed or not torch.equal(input_ids[:, :cached], self._cached_ids)):
+            self._reset_drafting_state()
+            cached = 0
         features = self._captured.take(cached, needed, input_ids) if self._captured is not None else None
         self._captured = None
         if features is not None:
