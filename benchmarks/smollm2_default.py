@@ -24,54 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dspark import pair  # noqa: E402
+from dspark.evaluation.eval_command import acceptance_report, paired_report, target_continuations  # noqa: E402
 from dspark.evaluation.offline import offline_acceptance  # noqa: E402
-from dspark.evaluation.paired import cluster_bootstrap  # noqa: E402
 from dspark.evaluation.prompt_sets import BUILTIN_PROMPT_SETS, load_prompt_set  # noqa: E402
 from dspark.provenance import run_provenance  # noqa: E402
 from dspark.speculative import speculative_generate  # noqa: E402
-from dspark.train.responses import generate_responses, load_response_dataset  # noqa: E402
 
 
 def continuations(target, tokenizer, work: Path, limit: int, temperature: float, max_new_tokens: int) -> list[dict]:
-    records = []
-    for name in BUILTIN_PROMPT_SETS:
-        prompts = load_prompt_set(name, limit=limit)
-        folder = work / f"{name}_T{temperature:g}"
-        generate_responses(
-            target,
-            tokenizer,
-            prompts,
-            folder,
-            batch_size=256,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=1,
-            progress=False,
-            allow_evaluation_prompts=True,
-        )
-        records += load_response_dataset(folder, min_sequences=1, for_training=False)
-    return records
-
-
-def acceptance_report(results, domains) -> dict:
-    return {
-        name: {"all": result.summary(), **{domain: result.summary(domain) for domain in domains}}
-        for name, result in results.items()
-    }
-
-
-def paired_report(results, a: str, b: str, domains) -> dict:
-    report = {}
-    for domain in [None, *domains]:
-        first = [s for s in results[a].sequences if domain is None or s.domain == domain]
-        second = [s for s in results[b].sequences if domain is None or s.domain == domain]
-        report[domain or "all"] = cluster_bootstrap(
-            [s.chain_tokens for s in first],
-            [s.chain_rounds for s in first],
-            [s.chain_tokens for s in second],
-            [s.chain_rounds for s in second],
-        )
-    return report
+    return target_continuations(
+        target, tokenizer, list(BUILTIN_PROMPT_SETS), work, limit, temperature, max_new_tokens, batch_size=256
+    )
 
 
 def synchronize() -> None:
@@ -170,7 +133,7 @@ def main() -> None:
         report[key] = {"acceptance": acceptance_report(results, domains), "sequences": len(sequences)}
         if len(drafts) >= 2:
             first, second = list(drafts)[:2]
-            report[key]["paired"] = {"a": first, "b": second, **paired_report(results, first, second, domains)}
+            report[key]["paired"] = paired_report(results, first, second, domains)
         print(json.dumps({key: report[key]["acceptance"]}, indent=1)[:3000], flush=True)
     ship = args.ship or next(iter(drafts))
     (out / "results_default.json").write_text(json.dumps(report, indent=1))

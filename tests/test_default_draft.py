@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from greedy_check import assert_greedy_equal
+from without_dspark import BLOCK_DSPARK
 
 from dspark import speculative_generate
 from dspark.pair import DEFAULT_DRAFT_DIR, load_pair
@@ -74,18 +75,11 @@ def test_greedy_speculative_output_equals_the_targets_plain_greedy_output(defaul
     assert_greedy_equal(target, plain, looped, ids.shape[1])
 
 
-LOADER = textwrap.dedent(
+LOADER = BLOCK_DSPARK + textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json, sys
     from pathlib import Path
 
-    class BlockDspark(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "dspark" or name.startswith("dspark."):
-                raise ImportError("dspark is deliberately not importable in this process")
-            return None
-
-    sys.meta_path.insert(0, BlockDspark())
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -140,3 +134,46 @@ def test_dspark_generate_with_defaults_runs_end_to_end_offline(tmp_path):
     assert report["new_tokens"] >= 1 and report["mean_acceptance_length"] >= 1.0
     assert report["identical_to_plain"] is True
     assert "speedup" in report and "acceptance length" in completed.stderr
+
+
+@needs_smollm2
+def test_dspark_eval_writes_per_domain_acceptance_a_paired_comparison_and_plots(tmp_path):
+    from dspark.cli import main
+
+    out = tmp_path / "eval"
+    code = main(
+        [
+            "eval",
+            "--draft",
+            "default",
+            "--draft",
+            f"copy={DEFAULT_DRAFT_DIR}",
+            "--prompts",
+            "mt_bench",
+            "humaneval",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "eval.json").read_text())
+    for key in ("T0", "T1"):
+        acceptance = report[key]["acceptance"]
+        assert set(acceptance) == {"default", "copy"}
+        assert set(acceptance["default"]) == {"all", "chat", "code"}
+        assert acceptance["default"]["all"]["acceptance_length"] >= 1.0
+        # the same draft twice: identical numbers, and the paired interval says so
+        assert acceptance["default"]["all"] == acceptance["copy"]["all"]
+        assert report[key]["paired"]["all"]["includes_zero"]
+    assert report["provenance"]["packages"]["torch"]
+    assert (out / "per_position_T0.png").stat().st_size > 1000
+    assert "| default |" in (out / "eval.md").read_text()

@@ -77,12 +77,17 @@ def test_offline_acceptance_at_temperature_zero_equals_what_the_loop_observes(ta
     assert summary["acceptance_length"] > 1.3, "the trained draft must be accepted for the test to mean anything"
     assert summary["rounds"] == total_rounds
     assert {result.summary("chat")["sequences"], result.summary("code")["sequences"]} == {3}
+    chat = result.summary("chat")
+    assert sum(chat["acceptance_length_histogram"]) == chat["rounds"] and chat["per_position_acceptance"][0] > 0
 
 
 def test_temperature_one_reports_a_teacher_forced_expectation_between_one_and_the_block(target, trained_draft):
     records = greedy_records(target, 3, 20, seed=5)
     summary = offline_acceptance(target, {"draft": trained_draft}, records, temperature=1.0)["draft"].summary()
     assert 1.0 < summary["acceptance_length"] <= trained_draft.config.num_draft_tokens + 1
+    per_position = summary["per_position_acceptance"]
+    assert len(per_position) == trained_draft.config.num_draft_tokens and all(0 < p <= 1 for p in per_position)
+    assert "teacher-forced" in summary["expectation"]
 
 
 def synthetic_pair(rng: torch.Generator, sequences: int, effect: float):

@@ -9,19 +9,13 @@ import textwrap
 import torch
 from tiny_models import tiny_draft, tiny_qwen3
 from transformers import AutoModel
+from without_dspark import BLOCK_DSPARK
 
-LOADER = textwrap.dedent(
+LOADER = BLOCK_DSPARK + textwrap.dedent(
     """
-    import importlib.abc, importlib.util, json, sys
+    import importlib.util, json, sys
     from pathlib import Path
 
-    class BlockDspark(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "dspark" or name.startswith("dspark."):
-                raise ImportError("dspark is deliberately not importable in this process")
-            return None
-
-    sys.meta_path.insert(0, BlockDspark())
     try:
         importlib.util.find_spec("dspark")
         raise SystemExit("dspark is importable; the test would prove nothing")

@@ -302,11 +302,14 @@ def case(path: str, draft_kind: str, sample_from_anchor: bool, sampling: str, sl
     )
 
 
+# By default: the oracle (the rig lines up, exact first-slot acceptance), both Markov head types near the target
+# (the reported q is used: a q missing the Markov bias, the processors, or off by one slot fails one of them), both
+# slot conventions, both sampling configurations, and Path B.
 CASES = [
     case("A", "oracle", True, "temperature"),
+    case("A", "near_markov", True, "temperature"),
     case("A", "near_gated_confidence", False, "top_k_repetition_penalty"),
     case("B", "random_markov", False, "top_k_repetition_penalty"),
-    case("A", "near_markov", True, "temperature", slow=True),
     case("A", "random_markov", True, "temperature", slow=True),
     case("A", "random_markov", True, "top_k_repetition_penalty", slow=True),
     case("B", "random_markov", True, "temperature", slow=True),
@@ -342,7 +345,7 @@ def test_speculative_sampling_reproduces_the_target_distribution(
         assert len(forwards) < 0.6 * tokens, f"{len(forwards)} target forwards for {tokens} tokens: little accepted"
     elif draft_kind.startswith("near"):
         assert first_accepted > 0.5, f"only {first_accepted:.0%} of the near-target draft's first slots accepted"
-        assert len(forwards) < 0.8 * tokens, f"{len(forwards)} target forwards for {tokens} tokens: little accepted"
+        assert len(forwards) < 0.85 * tokens, f"{len(forwards)} target forwards for {tokens} tokens: little accepted"
     else:
         assert len(forwards) < tokens, "no drafted token was ever accepted"
     if draft_kind == "near_gated_confidence":

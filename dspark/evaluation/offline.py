@@ -35,6 +35,8 @@ class SequenceAcceptance:
     chain_rounds: int = 0
     anchor_length_sum: float = 0.0
     anchors: int = 0
+    slot_probability_sum: list[float] | None = None  # T > 0: sum over anchors of alpha_j (slot j's keep probability)
+    slot_count: list[int] | None = None
 
 
 @dataclass
@@ -63,10 +65,17 @@ class DraftAcceptance:
             "acceptance_length": tokens / rounds if rounds else None,
             "every_anchor_length": sum(s.anchor_length_sum for s in chosen) / anchors if anchors else None,
         }
-        if domain is None and self.replays:
-            chain = self.chain.summary()
+        replays = [r for r, s in zip(self.replays, self.sequences) if domain is None or s.domain == domain]
+        if replays:
+            chain = AcceptanceStats.concatenate(replays).summary()
             result["per_position_acceptance"] = chain["per_position_acceptance"]
             result["acceptance_length_histogram"] = chain["acceptance_length_histogram"]
+        elif chosen and chosen[0].slot_count is not None:
+            # expected conditional acceptance of each slot (teacher-forced), averaged over anchors
+            sums = [sum(s.slot_probability_sum[j] for s in chosen) for j in range(self.num_slots)]
+            counts = [sum(s.slot_count[j] for s in chosen) for j in range(self.num_slots)]
+            result["per_position_acceptance"] = [a / n if n else None for a, n in zip(sums, counts)]
+            result["expectation"] = "teacher-forced expected acceptance, not a replay of the loop"
         return result
 
 
@@ -174,7 +183,7 @@ def offline_acceptance(
             features = extract_target_features(out.hidden_states, draft.config.target_layer_ids)
             entry = SequenceAcceptance(record.get("id", ""), record.get("domain", "all"))
             if temperature > 0:
-                lengths = _expected_lengths(
+                lengths, slot_sums, slot_counts = _expected_lengths(
                     draft,
                     features,
                     out.logits,
@@ -186,6 +195,7 @@ def offline_acceptance(
                     anchor_chunk,
                 )
                 entry.anchor_length_sum, entry.anchors = float(lengths.sum()), lengths.numel()
+                entry.slot_probability_sum, entry.slot_count = slot_sums.tolist(), slot_counts.tolist()
                 # an expectation has no rounds to replay: report it per anchor
                 entry.chain_tokens, entry.chain_rounds = entry.anchor_length_sum, entry.anchors
             else:
@@ -227,14 +237,20 @@ def _chunked(draft, features, input_ids, loss_mask, anchors, max_draft_tokens, c
 def _expected_lengths(
     draft, features, target_logits, input_ids, loss_mask, anchors, temperature, max_draft_tokens, chunk
 ) -> torch.Tensor:
-    """[A] expected tokens per round (bonus included) at every anchor, under teacher forcing."""
+    """Under teacher forcing: [A] expected tokens per round (bonus included) at every anchor, and per slot [n] the
+    sum of keep probabilities and the number of anchors where the slot is valid."""
     count = _slots(draft, max_draft_tokens)
     lengths = []
+    slot_sums = torch.zeros(count, dtype=torch.float64)
+    slot_counts = torch.zeros(count, dtype=torch.long)
     for part in _anchor_chunks(anchors, chunk):
         hidden = draft_hidden_at_anchors(draft, features, input_ids, part)[0, :, :count]  # [A, n, H]
         slots = slot_targets(input_ids, loss_mask, part, count)
         draft_logits = draft.slot_logits(draft.block_logits(hidden), slots.previous[0], hidden)
         target = target_logits[0, slots.target_positions[0]].float()
         alpha = acceptance_probability(target / temperature, draft_logits / temperature)
-        lengths.append(expected_acceptance_length(alpha, slots.valid[0].float()).cpu())
-    return torch.cat(lengths)
+        valid = slots.valid[0]
+        lengths.append(expected_acceptance_length(alpha, valid.float()).cpu())
+        slot_sums += (alpha * valid).sum(0).double().cpu()
+        slot_counts += valid.sum(0).cpu()
+    return torch.cat(lengths), slot_sums, slot_counts
