@@ -89,6 +89,37 @@ def packed_block_mask(anchors: Anchors, sequence_length: int, block_size: int) -
     return mask.reshape(batch, 1, count * block_size, sequence_length + count * block_size)
 
 
+def packed_block_flex_mask(anchors: Anchors, sequence_length: int, block_size: int):
+    """The same visibility as `packed_block_mask`, as a FlexAttention BlockMask (no dense [Q, KV] tensor)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    positions, valid = anchors.positions, anchors.valid
+
+    def visible(batch, head, query, key):
+        block = query // block_size
+        in_context = key < sequence_length
+        sees_context = in_context & (key < positions[batch, block]) & valid[batch, block]
+        sees_own_block = ~in_context & ((key - sequence_length) // block_size == block)
+        return sees_context | sees_own_block
+
+    batch, count = positions.shape
+    queries = count * block_size
+    return create_block_mask(visible, batch, None, queries, sequence_length + queries, device=positions.device)
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """`auto` is FlexAttention on CUDA (when torch has it) and the dense mask elsewhere."""
+    if attention not in ("auto", "dense", "flex"):
+        raise ValueError(f"dspark: attention must be auto, dense or flex, got {attention!r}")
+    if attention != "auto":
+        return attention
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return "dense"
+    return "flex" if device.type == "cuda" else "dense"
+
+
 def slot_positions(anchors: Anchors, num_slots: int) -> torch.Tensor:
     """[B, A, num_slots] positions a + j, clamped to 0 for padding anchors."""
     offsets = torch.arange(num_slots, device=anchors.positions.device)
@@ -96,11 +127,12 @@ def slot_positions(anchors: Anchors, num_slots: int) -> torch.Tensor:
 
 
 def draft_hidden_at_anchors(
-    draft: DSparkDraftModel, features: torch.Tensor, input_ids: torch.Tensor, anchors: Anchors
+    draft: DSparkDraftModel, features: torch.Tensor, input_ids: torch.Tensor, anchors: Anchors, attention: str = "auto"
 ) -> torch.Tensor:
     """Drafting-slot hidden states [B, A, N, H] of every anchor's block, in one draft forward.
 
-    features: [B, L, K * H_t] target features of the whole sequence; input_ids: [B, L].
+    features: [B, L, K * H_t] target features of the whole sequence; input_ids: [B, L]. attention: `dense` (a bool
+    mask through SDPA), `flex` (a FlexAttention BlockMask) or `auto` (flex on CUDA, dense elsewhere).
     """
     if any(kind == "sliding_attention" for kind in draft.config.layer_types):
         raise ValueError(
@@ -115,7 +147,10 @@ def draft_hidden_at_anchors(
     noise_embeds = draft.input_embeddings()(block_ids.flatten(1))
     context_positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
     position_ids = torch.cat([context_positions, block_positions.flatten(1)], dim=1)
-    mask = packed_block_mask(anchors, length, block_size)
+    if resolve_attention(attention, input_ids.device) == "flex":
+        mask = packed_block_flex_mask(anchors, length, block_size)
+    else:
+        mask = packed_block_mask(anchors, length, block_size)
     hidden = draft.backbone(noise_embeds, features, position_ids=position_ids, attention_mask=mask)
     hidden = hidden.view(batch, anchors.count, block_size, -1)
     return hidden[:, :, draft.first_drafting_slot :]

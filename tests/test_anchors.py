@@ -86,3 +86,22 @@ def test_slot_targets_are_the_next_tokens_and_stop_at_the_first_unlabelled_slot(
     assert slots.target_positions[0, 0].tolist() == [3, 4, 5, 6]
     assert slots.valid[0, 0].tolist() == [True, True, True, True]
     assert slots.valid[0, 1].tolist() == [True, True, False, False]  # labels 10, 11 exist; 12, 13 run off the end
+
+
+def test_flex_attention_blocks_equal_the_dense_mask_path():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    target = tiny_llama()
+    draft = tiny_draft(target, block_size=4, markov_rank=4)
+    input_ids = torch.randint(0, 127, (2, 14), generator=torch.Generator().manual_seed(4))
+    loss_mask = torch.zeros(2, 14, dtype=torch.bool)
+    loss_mask[0, 4:] = True
+    loss_mask[1, 9:] = True  # fewer anchors: padding blocks are exercised
+    anchors = sample_anchors(loss_mask, 6, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = extract_target_features(
+            target(input_ids, output_hidden_states=True).hidden_states, draft.config.target_layer_ids
+        )
+        dense = draft_hidden_at_anchors(draft, features, input_ids, anchors, attention="dense")
+        flex = draft_hidden_at_anchors(draft, features, input_ids, anchors, attention="flex")
+    valid = anchors.valid
+    torch.testing.assert_close(flex[valid], dense[valid], atol=1e-5, rtol=1e-4)

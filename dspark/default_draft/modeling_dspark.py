@@ -32,6 +32,12 @@ from transformers.utils import ModelOutput
 
 from .configuration_dspark import DSparkConfig
 
+try:  # FlexAttention (torch >= 2.5) runs the packed training blocks without a dense mask
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - older torch: dense masks only
+    BlockMask = flex_attention = None
+_COMPILED_FLEX_ATTENTION = None
+
 # ----------------------------------------------------------------------------------------------------------------
 # Target features
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,10 +308,29 @@ class DSparkAttention(nn.Module):
             key_mask = _and_masks(
                 key_mask, _sliding_window_mask(slots, key.shape[2], self.sliding_window, block.device)
             )
-        attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=key_mask, is_causal=False, enable_gqa=self.num_heads != self.num_kv_heads
-        )
+        grouped = self.num_heads != self.num_kv_heads
+        if is_block_mask(key_mask):
+            attended = run_flex_attention(query, key, value, key_mask, grouped)
+        else:
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=key_mask, is_causal=False, enable_gqa=grouped
+            )
         return self.o_proj(attended.transpose(1, 2).reshape(batch, slots, -1))
+
+
+def is_block_mask(mask) -> bool:
+    return BlockMask is not None and isinstance(mask, BlockMask)
+
+
+def run_flex_attention(query, key, value, block_mask, grouped: bool) -> torch.Tensor:
+    """FlexAttention, compiled once on CUDA (uncompiled it materialises the scores; on CPU it is a slow reference)."""
+    global _COMPILED_FLEX_ATTENTION
+    function = flex_attention
+    if query.is_cuda:
+        if _COMPILED_FLEX_ATTENTION is None:
+            _COMPILED_FLEX_ATTENTION = torch.compile(flex_attention)
+        function = _COMPILED_FLEX_ATTENTION
+    return function(query, key, value, block_mask=block_mask, enable_gqa=grouped)
 
 
 def _sliding_window_mask(slots: int, kv_length: int, window: int, device: torch.device) -> torch.Tensor:
@@ -695,7 +720,8 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         noise_embeds: [B, S, H] embedded block `[anchor, MASK, ...]`.
         context_hidden_states: [B, C, K * H_t] target features of positions not yet in `past_key_values`.
         position_ids: [B, C + S] absolute positions of the new context then the block (default: continue the cache).
-        attention_mask: None, a [B, kv] 0/1 key mask over cache + new entries, or a bool [B, 1, S, kv] mask.
+        attention_mask: None, a [B, kv] 0/1 key mask over cache + new entries, a bool [B, 1, S, kv] mask, or a
+            FlexAttention BlockMask over [S, kv] (packed training blocks).
         past_key_values: cache of earlier context keys/values; context and block entries are appended (the caller
             crops the block entries afterwards, as transformers' DFlash path does with `crop(-block_size)`).
         """
@@ -744,8 +770,8 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _key_mask(attention_mask: torch.Tensor | None, slots: int) -> torch.Tensor | None:
-        if attention_mask is None:
-            return None
+        if attention_mask is None or is_block_mask(attention_mask):
+            return attention_mask
         if attention_mask.dim() == 4:
             return attention_mask.bool()
         if attention_mask.dim() == 2:

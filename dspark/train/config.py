@@ -37,6 +37,7 @@ class TrainConfig:
     target_layer_ids: list[int] = field(default_factory=list)
     # objective
     num_anchors: int = 64
+    attention: str = "auto"  # packed blocks: flex (FlexAttention, default on CUDA) or dense (bool mask, CPU default)
     ce_weight: float = 0.1
     tv_weight: float = 0.9
     confidence_weight: float = 1.0
@@ -78,6 +79,8 @@ class TrainConfig:
             problems.append(f"decay_gamma must be > 0, got {self.decay_gamma}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             problems.append(f"mixed_precision must be auto|no|bf16|fp16, got {self.mixed_precision!r}")
+        if self.attention not in ("auto", "dense", "flex"):
+            problems.append(f"attention must be auto|dense|flex, got {self.attention!r}")
         if self.markov_head_type not in ("vanilla", "gated"):
             problems.append(f"markov_head_type must be vanilla|gated, got {self.markov_head_type!r}")
         if problems:

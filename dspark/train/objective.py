@@ -86,10 +86,11 @@ class DraftObjective(nn.Module):
     the draft's trainable parameters.
     """
 
-    def __init__(self, draft: DSparkDraftModel, weights: LossWeights):
+    def __init__(self, draft: DSparkDraftModel, weights: LossWeights, attention: str = "auto"):
         super().__init__()
         self.draft = draft
         self.weights = weights
+        self.attention = attention
 
     def forward(
         self,
@@ -104,7 +105,7 @@ class DraftObjective(nn.Module):
         draft = self.draft
         anchors = Anchors(anchor_positions, anchor_valid)
         num_slots = draft.config.num_draft_tokens
-        draft_hidden = draft_hidden_at_anchors(draft, view_features, input_ids, anchors)  # [B, A, N, H]
+        draft_hidden = draft_hidden_at_anchors(draft, view_features, input_ids, anchors, self.attention)  # [B,A,N,H]
         slots = slot_targets(input_ids, loss_mask, anchors, num_slots)
         rows, anchor_index, slot_index = slots.valid.nonzero(as_tuple=True)
         hidden = draft_hidden[rows, anchor_index, slot_index]  # [M, H]

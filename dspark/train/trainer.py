@@ -229,7 +229,7 @@ class Trainer:
         self.draft.check_target(self.target, allow_stateful=True)
         self.draft.train()
         weights = LossWeights(config.ce_weight, config.tv_weight, config.confidence_weight, config.decay_gamma)
-        objective = DraftObjective(self.draft, weights)
+        objective = DraftObjective(self.draft, weights, config.attention)
         world = self.accelerator.num_processes
         per_step = config.batch_size * config.gradient_accumulation_steps * world
         self.micro_batches_per_epoch = len(self.train_records) // (config.batch_size * world)
