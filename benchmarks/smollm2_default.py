@@ -24,17 +24,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dspark import pair  # noqa: E402
-from dspark.evaluation.eval_command import acceptance_report, paired_report, target_continuations  # noqa: E402
+from dspark.evaluation.continuations import target_continuations  # noqa: E402
 from dspark.evaluation.offline import offline_acceptance  # noqa: E402
+from dspark.evaluation.paired import compare_arms  # noqa: E402
 from dspark.evaluation.prompt_sets import BUILTIN_PROMPT_SETS, load_prompt_set  # noqa: E402
 from dspark.provenance import run_provenance  # noqa: E402
 from dspark.speculative import speculative_generate  # noqa: E402
 
 
 def continuations(target, tokenizer, work: Path, limit: int, temperature: float, max_new_tokens: int) -> list[dict]:
-    return target_continuations(
-        target, tokenizer, list(BUILTIN_PROMPT_SETS), work, limit, temperature, max_new_tokens, batch_size=256
+    records, _ = target_continuations(
+        target,
+        tokenizer,
+        list(BUILTIN_PROMPT_SETS),
+        limit=limit,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        cache_root=work,
+        batch_size=256,
+        progress=False,
     )
+    return records
 
 
 def synchronize() -> None:
@@ -124,16 +134,15 @@ def main() -> None:
     for spec in args.draft:
         name, _, path = spec.partition("=")
         drafts[name] = pair.load_draft(path, target)
-    domains = sorted(set(BUILTIN_PROMPT_SETS.values()))
     report = {"provenance": run_provenance(args.device), "drafts": dict(s.split("=", 1) for s in args.draft)}
     for temperature in (0.0, 1.0):
         sequences = continuations(target, tokenizer, Path(args.work), args.limit, temperature, args.max_new_tokens)
         results = offline_acceptance(target, drafts, sequences, temperature=temperature)
         key = f"T{temperature:g}"
-        report[key] = {"acceptance": acceptance_report(results, domains), "sequences": len(sequences)}
+        report[key] = {"acceptance": results.summary(), "sequences": len(sequences)}
         if len(drafts) >= 2:
             first, second = list(drafts)[:2]
-            report[key]["paired"] = paired_report(results, first, second, domains)
+            report[key]["paired"] = compare_arms(results, first, second)
         print(json.dumps({key: report[key]["acceptance"]}, indent=1)[:3000], flush=True)
     ship = args.ship or next(iter(drafts))
     (out / "results_default.json").write_text(json.dumps(report, indent=1))

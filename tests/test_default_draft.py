@@ -144,6 +144,8 @@ def test_dspark_eval_writes_per_domain_acceptance_a_paired_comparison_and_plots(
     code = main(
         [
             "eval",
+            "--cache-dir",
+            str(tmp_path / "cache"),
             "--draft",
             "default",
             "--draft",

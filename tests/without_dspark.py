@@ -1,7 +1,7 @@
 """Python source that makes `dspark` unimportable in a fresh process: prepended to the remote-code loader scripts,
 so that a passing test proves the checkpoint loads for a user who never installed the package."""
 
-BLOCK_DSPARK = '''
+BLOCK_DSPARK = """
 import importlib.abc, sys
 
 
@@ -13,4 +13,4 @@ class BlockDspark(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, BlockDspark())
-'''
+"""

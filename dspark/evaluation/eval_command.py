@@ -1,26 +1,38 @@
-"""`dspark eval`: offline acceptance of one or more drafts on the target's own answers, per domain, with paired
-comparison; writes JSON (with provenance), a Markdown table and per-position acceptance plots.
+"""`dspark eval`: offline acceptance of one or more drafts on the target's own answers, per prompt set and domain,
+at given temperatures, draft lengths (K) and confidence thresholds, with a paired comparison of two arms; writes
+OUT/eval.json (with provenance), OUT/eval.md and per-position acceptance plots (OUT/per_position_T*.png).
 
-    dspark eval --draft default --draft other=path/to/draft --prompts mt_bench humaneval mmath_en --limit 80 \\
-        --temperature 0 1 --out results/eval
+    dspark eval --draft default --draft other=path/to/draft --prompts mt_bench --prompts humaneval \\
+        --prompts mmath_en --limit 80 --temperature 0 1 --out results/eval
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from .. import pair
-from ..provenance import run_provenance
-from .offline import DraftAcceptance, offline_acceptance
-from .paired import cluster_bootstrap
-from .prompt_sets import load_prompt_set
+from .continuations import default_cache_root, target_continuations
+from .offline import arm_names, drafting_settings, offline_acceptance
+from .paired import compare_arms
+from .plots import acceptance_curves
+from .prompt_sets import BUILTIN_PROMPT_SETS
+from .report import document, eval_markdown, eval_section, temperature_key, write_document
 
 COMMAND = "eval"
 HELP = "offline acceptance of drafts on the target's own answers (per domain, paired CIs, plots)"
+
+
+def draft_tokens_value(text: str) -> int | None:
+    """`all` (the whole block) or a positive integer K."""
+    return None if text == "all" else int(text)
+
+
+def threshold_value(text: str) -> float | None:
+    """`config` (the draft's own threshold) or a number in [0, 1] (0: no early stop)."""
+    return None if text == "config" else float(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,153 +41,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--draft",
         action="append",
         default=None,
-        help="PATH, NAME=PATH or `default` (repeatable; the first two are compared)",
+        help="PATH, NAME=PATH or `default` (the embedded draft); repeatable, every draft is scored on the same data",
     )
     parser.add_argument(
         "--prompts",
+        action="extend",
         nargs="+",
-        default=["mt_bench", "humaneval", "mmath_en"],
-        help="built-in sets (mt_bench, humaneval, mmath_en) or JSONL files",
+        default=None,
+        help=f"built-in sets ({', '.join(BUILTIN_PROMPT_SETS)}) or JSONL files; repeatable (default: all built-in)",
     )
-    parser.add_argument("--limit", type=int, default=80, help="prompts per set")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, nargs="+", default=[0.0])
-    parser.add_argument("--max-draft-tokens", type=int, default=None, help="K: draft at most K tokens per round")
-    parser.add_argument("--confidence-threshold", type=float, default=0.0, help="0 disables the early stop")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch for generating the target's answers")
+    parser.add_argument("--limit", type=int, default=80, help="prompts per set (the first N)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="length of the target's answers")
+    parser.add_argument("--temperature", type=float, nargs="+", default=[0.0], help="0: loop replay; >0: expectation")
+    parser.add_argument(
+        "--max-draft-tokens",
+        type=draft_tokens_value,
+        nargs="+",
+        default=[None],
+        help="K, drafted tokens per round: integers and/or `all` (a sweep)",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=threshold_value,
+        nargs="+",
+        default=[None],
+        help="early-stop thresholds: numbers (0 = off) and/or `config` (the draft's own; default)",
+    )
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="arms to compare (default: the first two)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per target forward when scoring")
+    parser.add_argument("--anchor-chunk", type=int, default=128, help="anchors per draft forward (bounds memory)")
+    parser.add_argument("--generation-batch-size", type=int, default=64, help="batch for the target's answers")
+    parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are skipped and counted")
+    parser.add_argument("--cache-dir", default=None, help=f"answers cache (default {default_cache_root()})")
+    parser.add_argument("--seed", type=int, default=1, help="sampling seed of the target's answers at T > 0")
+    parser.add_argument("--bootstrap-replicates", type=int, default=2000)
+    parser.add_argument("--bootstrap-seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", required=True, help="output folder")
 
 
 def named_drafts(specs: list[str] | None) -> dict[str, str]:
+    """NAME -> path from `PATH`, `NAME=PATH` or `default` (the name of a bare path is its folder's name)."""
     named = {}
     for spec in specs or [pair.DEFAULT_DRAFT]:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).name or spec, spec
+        name, separator, path = spec.partition("=")
+        if not separator:
+            name, path = (Path(spec).name or spec), spec
         if name in named:
-            raise ValueError(f"dspark eval: two drafts are called {name!r}; name them with NAME=PATH.")
+            raise ValueError(f"dspark eval: two drafts are called {name!r}; name them with --draft NAME=PATH.")
         named[name] = path
     return named
 
 
-def target_continuations(
-    target,
-    tokenizer,
-    prompt_sets: list[str],
-    work: Path,
-    limit: int,
-    temperature: float,
-    max_new_tokens: int,
-    batch_size: int,
-) -> list[dict]:
-    """The target's own answers to each prompt set (cached under `work`; rerunning reuses them)."""
-    from ..train.responses import generate_responses, load_response_dataset
-
-    records = []
-    for name in prompt_sets:
-        prompts = load_prompt_set(name, limit=limit)
-        folder = work / f"{Path(name).stem}_T{temperature:g}"
-        generate_responses(
-            target,
-            tokenizer,
-            prompts,
-            folder,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            max_prompt_tokens=2048,
-            temperature=temperature,
-            seed=1,
-            progress=False,
-            allow_evaluation_prompts=True,
-        )
-        records += load_response_dataset(folder, min_sequences=1, for_training=False)
-    return records
+def load_drafts(specs: dict[str, str], target, target_name: str) -> dict:
+    drafts = {}
+    for name, path in specs.items():
+        try:
+            drafts[name] = pair.load_draft(path, target)
+        except ValueError as error:
+            raise ValueError(
+                f"dspark eval: draft {name!r} ({path}) cannot serve the target {target_name}: {error}"
+            ) from None
+    return drafts
 
 
-def acceptance_report(results: dict[str, DraftAcceptance], domains: list[str]) -> dict:
-    return {
-        name: {"all": result.summary(), **{domain: result.summary(domain) for domain in domains}}
-        for name, result in results.items()
-    }
-
-
-def paired_report(results: dict[str, DraftAcceptance], a: str, b: str, domains: list[str]) -> dict:
-    """B against A, overall and per domain, on the same sequences."""
-    report = {"a": a, "b": b}
-    for domain in [None, *domains]:
-        first = [s for s in results[a].sequences if domain is None or s.domain == domain]
-        second = [s for s in results[b].sequences if domain is None or s.domain == domain]
-        report[domain or "all"] = cluster_bootstrap(
-            [s.chain_tokens for s in first],
-            [s.chain_rounds for s in first],
-            [s.chain_tokens for s in second],
-            [s.chain_rounds for s in second],
-        )
-    return report
-
-
-def markdown_table(report: dict, domains: list[str]) -> str:
-    lines = []
-    for key, section in report.items():
-        if not key.startswith("T"):
-            continue
-        lines += [
-            f"### temperature {key[1:]}",
-            "",
-            "| draft | " + " | ".join([*domains, "all"]) + " |",
-            "|---" * (len(domains) + 2) + "|",
-        ]
-        for name, per_domain in section["acceptance"].items():
-            cells = [per_domain[d]["acceptance_length"] for d in [*domains, "all"]]
-            lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
-        paired = section.get("paired")
-        if paired:
-            overall = paired["all"]
-            low, high = overall["relative_gain_ci"]
-            lines += [
-                "",
-                f"{paired['b']} vs {paired['a']}: {overall['relative_gain']:+.1%} "
-                f"(95% CI {low:+.1%} .. {high:+.1%}); {overall['verdict']}.",
-            ]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_per_position(report: dict, out: Path) -> list[Path]:
-    """One PNG per temperature: conditional acceptance of each slot, one line per draft."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("dspark eval: matplotlib is not installed; skipping plots (pip install matplotlib)")
-        return []
-    written = []
-    for key, section in report.items():
-        if not key.startswith("T"):
-            continue
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for name, per_domain in section["acceptance"].items():
-            values = per_domain["all"].get("per_position_acceptance") or []
-            axis.plot(
-                range(1, len(values) + 1), [v if v is not None else float("nan") for v in values], "o-", label=name
-            )
-        axis.set(
-            xlabel="drafted position",
-            ylabel="P(accepted | earlier accepted)",
-            ylim=(0, 1),
-            title=f"per-position acceptance, temperature {key[1:]}",
-        )
-        axis.legend()
-        path = out / f"per_position_{key}.png"
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written.append(path)
-    return written
+def compared_arms(requested: list[str] | None, arms: list[str]) -> tuple[str, str] | None:
+    """The pair to compare: --compare A B (checked), else the first two arms, else none."""
+    if requested:
+        missing = [name for name in requested if name not in arms]
+        if missing:
+            raise ValueError(f"dspark eval: --compare names unknown arms {missing}; the arms are {', '.join(arms)}.")
+        return requested[0], requested[1]
+    return (arms[0], arms[1]) if len(arms) >= 2 else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -183,43 +122,55 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     target, tokenizer = pair.load_target(args.target, args.device, args.dtype)
     if tokenizer is None:
-        raise ValueError(f"dspark eval: the target {args.target} has no tokenizer to build its answers with.")
-    drafts = {name: pair.load_draft(path, target) for name, path in named_drafts(args.draft).items()}
-    report = {
-        "provenance": run_provenance(args.device),
-        "drafts": named_drafts(args.draft),
-        "settings": {k: v for k, v in vars(args).items() if k != "run"},
-    }
-    domains: list[str] = []
+        raise ValueError(f"dspark eval: the target {args.target} has no tokenizer to write its answers with.")
+    specs = named_drafts(args.draft)
+    drafts = load_drafts(specs, target, args.target)
+    settings = drafting_settings(args.max_draft_tokens, args.confidence_threshold)
+    arms = list(arm_names(drafts, settings).values())
+    pair_to_compare = compared_arms(args.compare, arms)  # checked before the long part starts
+    prompt_sets = args.prompts or list(BUILTIN_PROMPT_SETS)
+    payload = document(
+        "dspark eval",
+        args.device,
+        {key: value for key, value in vars(args).items() if key != "run"},
+        {"generation": args.seed, "bootstrap": args.bootstrap_seed},
+    )
+    payload.update({"target": args.target, "drafts": specs, "prompt_sets": prompt_sets})
     for temperature in args.temperature:
-        sequences = target_continuations(
+        records, sources = target_continuations(
             target,
             tokenizer,
-            args.prompts,
-            out / "continuations",
-            args.limit,
-            temperature,
-            args.max_new_tokens,
-            args.batch_size,
+            prompt_sets,
+            limit=args.limit,
+            temperature=temperature,
+            max_new_tokens=args.max_new_tokens,
+            cache_root=args.cache_dir,
+            batch_size=args.generation_batch_size,
+            max_prompt_tokens=args.max_prompt_tokens,
+            seed=args.seed,
+            progress=not args.no_progress,
         )
-        domains = sorted({s["domain"] for s in sequences})
-        results = offline_acceptance(
+        result = offline_acceptance(
             target,
             drafts,
-            sequences,
+            records,
             temperature=temperature,
             max_draft_tokens=args.max_draft_tokens,
             confidence_threshold=args.confidence_threshold,
-            progress=True,
+            batch_size=args.batch_size,
+            anchor_chunk=args.anchor_chunk,
+            progress=not args.no_progress,
         )
-        key = f"T{temperature:g}"
-        report[key] = {"sequences": len(sequences), "acceptance": acceptance_report(results, domains)}
-        if len(drafts) >= 2:
-            first, second = list(drafts)[:2]
-            report[key]["paired"] = paired_report(results, first, second, domains)
-    (out / "eval.json").write_text(json.dumps(report, indent=1))
-    table = markdown_table(report, domains)
-    (out / "eval.md").write_text(table)
-    plot_per_position(report, out)
-    print(table)
+        paired = None
+        if pair_to_compare:
+            paired = compare_arms(
+                result, *pair_to_compare, replicates=args.bootstrap_replicates, seed=args.bootstrap_seed
+            )
+        key = temperature_key(temperature)
+        payload[key] = eval_section(result, sources, paired)
+        acceptance_curves(payload[key], out / f"per_position_{key}.png")
+    markdown = eval_markdown(payload)
+    json_path, _ = write_document(out, "eval", payload, markdown)
+    print(markdown)
+    print(f"dspark eval: wrote {json_path} and {out / 'eval.md'}")
     return 0
