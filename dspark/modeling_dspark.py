@@ -15,6 +15,7 @@ V = vocabulary, N = drafted tokens per round (`config.num_draft_tokens`).
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import weakref
 from collections.abc import Callable
@@ -41,6 +42,11 @@ _COMPILED_FLEX_ATTENTION = None
 # ----------------------------------------------------------------------------------------------------------------
 # Target features
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword a model's forward takes its cache under: `cache` since transformers 5.2x, else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def extract_target_features(
@@ -145,7 +151,7 @@ class TargetFeatureTap:
 
     def _before_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers renamed the argument in 5.2x
         self.start = cache.get_seq_length() if isinstance(cache, Cache) else 0
         self.token_ids = input_ids.detach() if isinstance(input_ids, torch.Tensor) else None
         self.outputs.clear()
@@ -408,12 +414,12 @@ class DSparkDraftOutput(ModelOutput):
     last_hidden_state: [B, 1 + N, H], the DFlash contract of transformers' `speculation_type="dflash"`:
         `last_hidden_state[:, 1:]` are the N drafting slots whatever the slot convention.
     draft_hidden_states: [B, N, H], entry j predicts the j-th drafted token (position anchor + 1 + j).
-    past_key_values: the draft cache, holding the context keys/values and (until cropped) the block's.
+    cache: the draft cache, holding the context keys/values and (until cropped) the block's.
     """
 
     last_hidden_state: torch.Tensor | None = None
     draft_hidden_states: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
 
 
 @dataclass
@@ -712,25 +718,28 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         context_hidden_states: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> DSparkDraftOutput:
         """Run the backbone on one block per row.
 
         noise_embeds: [B, S, H] embedded block `[anchor, MASK, ...]`.
-        context_hidden_states: [B, C, K * H_t] target features of positions not yet in `past_key_values`.
+        context_hidden_states: [B, C, K * H_t] target features of positions not yet in `cache`.
         position_ids: [B, C + S] absolute positions of the new context then the block (default: continue the cache).
         attention_mask: None, a [B, kv] 0/1 key mask over cache + new entries, a bool [B, 1, S, kv] mask, or a
             FlexAttention BlockMask over [S, kv] (packed training blocks).
-        past_key_values: cache of earlier context keys/values; context and block entries are appended (the caller
-            crops the block entries afterwards, as transformers' DFlash path does with `crop(-block_size)`).
+        cache: cache of earlier context keys/values; context and block entries are appended (the caller crops the
+            block entries afterwards, as transformers' DFlash path does with `crop(-block_size)`). transformers
+            before 5.2x passes it as `past_key_values`, which is accepted too.
         """
-        hidden = self.backbone(noise_embeds, context_hidden_states, position_ids, attention_mask, past_key_values)
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+        hidden = self.backbone(noise_embeds, context_hidden_states, position_ids, attention_mask, cache)
         draft_hidden = hidden[:, self.first_drafting_slot :]
         return DSparkDraftOutput(
             last_hidden_state=torch.cat([hidden[:, :1], draft_hidden], dim=1),
             draft_hidden_states=draft_hidden,
-            past_key_values=past_key_values,
+            cache=cache,
         )
 
     @property
@@ -744,7 +753,7 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         context_hidden_states: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, S, H] of every block slot (arguments as in `forward`).
 
@@ -753,7 +762,7 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         batch, slots, _ = noise_embeds.shape
         context = self.project_context(context_hidden_states, batch)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + context.shape[1] + slots, device=noise_embeds.device)[None]
             position_ids = position_ids.expand(batch, -1)
         if position_ids.shape[1] != context.shape[1] + slots:
@@ -765,7 +774,7 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         key_mask = self._key_mask(attention_mask, slots)
         hidden = noise_embeds.to(self.norm.weight.dtype)
         for layer in self.layers:
-            hidden = layer(hidden, context, cos, sin, key_mask, past_key_values)
+            hidden = layer(hidden, context, cos, sin, key_mask, cache)
         return self.norm(hidden)
 
     @staticmethod
@@ -965,7 +974,6 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         return GenerateDecoderOnlyOutput(
             sequences=torch.cat([input_ids, tokens.to(input_ids.device)], dim=-1),
             scores=tuple(scores[:, j] for j in range(scores.shape[1])),
-            past_key_values=None,  # never hand our cache to transformers: it would crop it with target semantics
         )
 
     def _placeholder_candidate(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -986,7 +994,7 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         block = self.embed_block(input_ids[:, -1])
         end = cached + (0 if context is None else context.shape[1]) + self.config.block_size
         positions = torch.arange(cached, end, device=block.device)[None]
-        output = self(block, context, position_ids=positions, past_key_values=self._draft_cache)
+        output = self(block, context, position_ids=positions, cache=self._draft_cache)
         self._draft_cache.crop(-self.config.block_size)  # keep only context entries: positions [0, L - 1)
         self._cached_ids = input_ids[:, :-1].clone()
         chooser = ProcessorTokenChooser(input_ids, processors, bool(generation_config.do_sample))

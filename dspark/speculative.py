@@ -25,7 +25,13 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from transformers.cache_utils import DynamicCache
 
 from .acceptance import AcceptanceStats
-from .modeling_dspark import DSparkDraftModel, ProcessorTokenChooser, extract_target_features, target_is_stateful
+from .modeling_dspark import (
+    DSparkDraftModel,
+    ProcessorTokenChooser,
+    cache_keyword,
+    extract_target_features,
+    target_is_stateful,
+)
 from .verify import verify
 
 
@@ -109,7 +115,7 @@ def prefill(target, draft, input_ids, attention_mask, processors, do_sample) -> 
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions,
-        past_key_values=cache,
+        **{cache_keyword(target): cache},
         use_cache=True,
         output_hidden_states=True,
     )
@@ -141,7 +147,7 @@ def draft_round(draft: DSparkDraftModel, state: LoopState, chooser_processors, d
         state.context,
         position_ids=torch.cat([state.context_positions, block_positions], dim=1),
         attention_mask=keys,
-        past_key_values=state.draft_cache,
+        cache=state.draft_cache,
     )
     state.draft_cache.crop(-slots)
     chooser = ProcessorTokenChooser(state.anchor[:, None], chooser_processors, do_sample)
@@ -159,7 +165,7 @@ def verify_round(target, draft, state: LoopState, block, processors, do_sample, 
         input_ids=tokens,
         attention_mask=torch.cat([state.target_keys, block_keys], dim=1),
         position_ids=state.anchor_position[:, None] + offsets,
-        past_key_values=state.target_cache,
+        **{cache_keyword(target): state.target_cache},
         use_cache=True,
         output_hidden_states=True,
     )
@@ -210,7 +216,7 @@ def rewind_and_replay(target, state: LoopState, snapshot: RecurrentStateSnapshot
         input_ids=tokens[:, :keep],
         attention_mask=state.target_keys,
         position_ids=state.anchor_position[:, None] + torch.arange(keep, device=tokens.device),
-        past_key_values=state.target_cache,
+        **{cache_keyword(target): state.target_cache},
         use_cache=True,
         logits_to_keep=1,
     )

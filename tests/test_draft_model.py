@@ -111,7 +111,7 @@ def test_drafting_with_a_cache_of_context_chunks_matches_one_forward_over_all_co
     start = 0
     for end in (5, 8, 11):  # rounds that add 5, 3 and 3 new context positions
         positions = torch.arange(start, end + 4)[None]
-        out = draft(block, features[:, start:end], position_ids=positions, past_key_values=cache)
+        out = draft(block, features[:, start:end], position_ids=positions, cache=cache)
         cache.crop(-4)
         assert cache.get_seq_length() == end
         start = end
