@@ -48,6 +48,7 @@ def test_report_sections_and_provenance(report):
     assert report["settings"]["preset"] == "tiny"
     assert report["settings"]["verify_lengths"] == [8, 9, 16]  # block 8: anchor + 8 drafted tokens
     assert report["bandwidth"]["gb_per_s"] > 0
+    assert report["wall_seconds"] > 0
     weights = report["roofline"]["target_weight_bytes"]
     assert 0 < weights["read_per_forward"] < weights["total"]  # the input embedding is a lookup, not read whole
 
