@@ -10,6 +10,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import card_command, convert, generate_command, selfcheck
     from .evaluation import bench_command, eval_command
     from .train import data_command, train_command
+    from .vllm import command as vllm_command
 
     parser = argparse.ArgumentParser(prog="dspark", description="DSpark speculative-decoding drafts for transformers")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         eval_command,
         bench_command,
         card_command,
+        vllm_command,
     ):
         sub = commands.add_parser(module.COMMAND, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)

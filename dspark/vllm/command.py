@@ -1,0 +1,73 @@
+"""`dspark vllm patch|verify|revert|export`: serve DSpark drafts in vLLM 0.23.0."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import patching
+from .export import export_for_vllm
+
+COMMAND = "vllm"
+HELP = "patch vLLM 0.23.0 for DSpark drafts (patch / verify / revert) and export a draft it can serve"
+
+
+def _add_install_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vllm-root",
+        type=Path,
+        default=None,
+        help="folder holding the vllm/ package to act on (default: the installed vLLM, found without importing it)",
+    )
+    parser.add_argument(
+        "--patches",
+        type=Path,
+        default=None,
+        help="folder holding <version>/manifest.json and the diffs (default: vllm_patches/ of this checkout)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="vllm_action", required=True)
+    for name, text in (
+        ("patch", "apply the DSpark patches (backs up the originals; refuses unknown file contents)"),
+        ("verify", "report, per file, whether it is original, patched or modified; exit 0 only when all patched"),
+        ("revert", "restore the original vLLM files"),
+    ):
+        _add_install_arguments(actions.add_parser(name, help=text, description=text))
+    export = actions.add_parser(
+        "export",
+        help="write a draft as a checkpoint vLLM 0.23 serves with method 'dflash'",
+        description="write a draft (any layout `dspark convert` reads) as a checkpoint vLLM 0.23 serves",
+    )
+    export.add_argument("source", help="draft checkpoint folder")
+    export.add_argument("destination", help="folder to write (created; must be empty unless --force)")
+    export.add_argument("--target", default="TARGET", help="target model name shown in the serve command")
+    export.add_argument("--force", action="store_true", help="write into a non-empty DESTINATION")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.vllm_action == "export":
+        result = export_for_vllm(args.source, args.destination, overwrite=args.force)
+        print(f"wrote {result.destination}")
+        for note in result.notes:
+            print(f"  note: {note}")
+        print("serve it (after `dspark vllm patch`):")
+        print(f"  {result.serve_command(args.target)}")
+        return 0
+    install = patching.find_vllm(args.vllm_root)
+    if args.vllm_action == "patch":
+        patching.require_supported(install)  # before reading the patch set: the clearer message
+    patches = patching.PatchSet.load(patching.SUPPORTED_VERSION, args.patches)
+    if args.vllm_action == "patch":
+        print(patching.patch(install, patches))
+        return 0
+    if args.vllm_action == "revert":
+        print(patching.revert(install, patches))
+        return 0
+    complete, report = patching.verify(install, patches)
+    print(report)
+    return 0 if complete else 1
+
+
+__all__ = ["COMMAND", "HELP", "add_arguments", "run"]
