@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--wheel", type=Path, required=True, help="the vLLM wheel the patches are made against")
     parser.add_argument("--edited", type=Path, required=True, help="folder holding vllm/... with the edited files")
     parser.add_argument("--version", default=SUPPORTED_VERSION)
-    parser.add_argument("--out", type=Path, default=None, help="default: vllm_patches/<version>/")
+    parser.add_argument("--out", type=Path, default=None, help="default: dspark/vllm/patches/<version>/")
     args = parser.parse_args()
     out = args.out or default_patch_root() / args.version
     manifest = build(args.wheel, args.edited, out, args.version)

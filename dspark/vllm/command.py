@@ -23,7 +23,7 @@ def _add_install_arguments(parser: argparse.ArgumentParser) -> None:
         "--patches",
         type=Path,
         default=None,
-        help="folder holding <version>/manifest.json and the diffs (default: vllm_patches/ of this checkout)",
+        help="folder holding <version>/manifest.json and the diffs (default: the patch sets shipped in the package)",
     )
 
 

@@ -40,8 +40,8 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def default_patch_root() -> Path:
-    """`vllm_patches/` of the source checkout this package runs from."""
-    return Path(__file__).resolve().parents[2] / "vllm_patches"
+    """The patch sets shipped inside the package (`vllm_patches/` at the repository root links here)."""
+    return Path(__file__).resolve().parent / "patches"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,8 +71,8 @@ class PatchSet:
         manifest_file = folder / "manifest.json"
         if not manifest_file.is_file():
             raise VllmPatchError(
-                f"dspark vllm: no patch set for vLLM {version} ({manifest_file} is missing). Run from a source "
-                "checkout of dspark, or pass --patches DIR (the folder that holds vllm_patches/<version>/)."
+                f"dspark vllm: no patch set for vLLM {version} ({manifest_file} is missing): the installed dspark "
+                "lacks its package data; reinstall it, or pass --patches DIR (the folder that holds <version>/)."
             )
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("vllm_version") != version:

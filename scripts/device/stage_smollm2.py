@@ -79,7 +79,7 @@ def working_tree_bytes() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--job", default="python3 benchmarks/token_match.py --out $OUT", help="command of the last call")
+    parser.add_argument("--job", default="python3 benchmarks/token_match.py --out $OUT", help="the last call's job")
     parser.add_argument("--wheel", action="append", default=[], help="extra requirement to carry as a wheel")
     parser.add_argument("--call-limit-mib", type=float, default=62.0, help="what one call may carry, tree included")
     args = parser.parse_args()
@@ -99,7 +99,9 @@ def main() -> None:
         folder.mkdir(parents=True)
         (folder / f"gguf.part{index + 1}").write_bytes(data[index * size : (index + 1) * size])
         if index < count - 1:
-            calls.append({"carry": [str(folder.relative_to(REPO))], "command": "bash scripts/device/device_stage.sh stash"})
+            calls.append(
+                {"carry": [str(folder.relative_to(REPO))], "command": "bash scripts/device/device_stage.sh stash"}
+            )
     (STAGE / "final" / "SHA256").write_text(f"{sha256(source)}  {source.name}\n")
     download_wheels(STAGE / "final" / "wheels", args.wheel)
     calls.append(
