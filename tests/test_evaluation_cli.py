@@ -6,50 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from tiny_models import tiny_draft, tiny_llama
+from tiny_models import save_chat_target, tiny_draft, tiny_llama
 
 from dspark.cli import main
-
-WORDS = (
-    "<unk> <pad> <eos> user assistant : . , ? ! the a an of to in and is are what how why you your it this that "
-    "write explain describe python function code number math list give two three one for with on as be can do "
-    "about story email travel blog post plan help me i make from by"
-).split()
-
-
-def word_tokenizer():
-    """A 64-word lowercase word-level tokenizer with a one-line chat template; unknown words map to <unk>."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocabulary = {word: index for index, word in enumerate(WORDS)}
-    for filler in range(len(vocabulary), 64):
-        vocabulary[f"<extra{filler}>"] = filler
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
-    )
-    tokenizer.chat_template = (
-        "{% for message in messages %}user : {{ message['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}assistant : {% endif %}"
-    )
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
-    tokenizer = word_tokenizer()
-    target = tiny_llama(seed=5, vocab_size=64)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(4.0)
-    target.generation_config.eos_token_id = tokenizer.eos_token_id
-    target.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.save_pretrained(root / "target")
-    tokenizer.save_pretrained(root / "target")
+    target, _ = save_chat_target(root / "target")
     tiny_draft(target, block_size=4, markov_rank=4, enable_confidence_head=True).save_pretrained(root / "draft")
     return root
 

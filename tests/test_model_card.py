@@ -14,8 +14,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
-from test_evaluation_cli import word_tokenizer
-from tiny_models import tiny_llama
+from tiny_models import save_chat_target
 
 from dspark.cli import main
 from dspark.model_card import render_model_card
@@ -41,14 +40,7 @@ def measured(tmp_path_factory, one_thread) -> SimpleNamespace:
     """A tiny target on disk, a draft trained on its own answers by the real trainer (a few steps), and the real
     `dspark eval` (the draft twice, as `ours` and `twin`) and `dspark bench` outputs for that draft."""
     root = tmp_path_factory.mktemp("card")
-    tokenizer = word_tokenizer()
-    target = tiny_llama(seed=5, vocab_size=64)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(4.0)
-    target.generation_config.eos_token_id = tokenizer.eos_token_id
-    target.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.save_pretrained(root / "target")
-    tokenizer.save_pretrained(root / "target")
+    target, _ = save_chat_target(root / "target")
     torch.manual_seed(0)
     prompts = torch.randint(3, 63, (24, PROMPT_LENGTH))
     with torch.no_grad():

@@ -80,3 +80,45 @@ def tiny_draft(target, seed: int = 1, **kwargs) -> DSparkDraftModel:
         # A trained head is not zero; give it weight so the Markov path changes the proposals.
         torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.5)
     return draft
+
+
+WORDS = (
+    "<unk> <pad> <eos> user assistant : . , ? ! the a an of to in and is are what how why you your it this that "
+    "write explain describe python function code number math list give two three one for with on as be can do "
+    "about story email travel blog post plan help me i make from by"
+).split()
+
+
+def word_tokenizer():
+    """A 64-word lowercase word-level tokenizer with a one-line chat template; unknown words map to <unk>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {word: index for index, word in enumerate(WORDS)}
+    for filler in range(len(vocabulary), 64):
+        vocabulary[f"<extra{filler}>"] = filler
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    )
+    tokenizer.chat_template = (
+        "{% for message in messages %}user : {{ message['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    return tokenizer
+
+
+def save_chat_target(folder, seed: int = 5):
+    """A tiny Llama with a peaked output distribution and the word tokenizer, saved to `folder` like a real
+    checkpoint (eos/pad set in its generation config). Returns (target, tokenizer)."""
+    tokenizer = word_tokenizer()
+    target = tiny_llama(seed=seed, vocab_size=64)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(4.0)  # peaked next-token distributions: drafts get something to learn
+    target.generation_config.eos_token_id = tokenizer.eos_token_id
+    target.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return target, tokenizer

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, read_settings_mapping
 
 RUN_CONFIG = "config.json"
 RUN_PROVENANCE = "provenance.json"
@@ -65,20 +62,9 @@ class TrainingFacts:
 
 
 def read_settings_file(path: Path) -> dict:
-    """A mapping from a .yaml/.yml/.toml/.json file, with a clear error for anything else."""
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            values = tomllib.loads(text)
-        elif path.suffix == ".json":
-            values = json.loads(text)
-        else:
-            raise ValueError(f"dspark card: training config {path} must end in .yaml, .yml, .toml or .json.")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"dspark card: cannot parse the training config {path}: {error}") from None
-    if not isinstance(values, dict) or not set(values) & set(TRAINING_FIELDS):
+    """A training config's mapping from a .yaml/.yml/.toml/.json file, with a clear error for anything else."""
+    values = read_settings_mapping(path, "dspark card")
+    if not set(values) & set(TRAINING_FIELDS):
         raise ValueError(
             f"dspark card: {path} is not a dspark training config (none of its fields is a `dspark train` field, "
             "e.g. learning_rate, batch_size, num_anchors)."

@@ -90,20 +90,31 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def read_settings_mapping(path: Path, who: str) -> dict:
+    """The mapping in a .yaml/.yml/.toml/.json file; `who` (the command) prefixes the clear errors."""
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ValueError(f"{who}: config file {path} must end in .yaml, .yml, .toml or .json.")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{who}: cannot parse the config file {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{who}: config file {path} must hold a mapping of field names to values.")
+    return values
+
+
 def read_config_file(path: str | Path) -> dict:
     """Fields from a .yaml/.yml/.toml/.json file (unknown fields are an error, so typos do not pass silently)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dspark train: config file {path} does not exist.")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        values = yaml.safe_load(text) or {}
-    elif path.suffix == ".toml":
-        values = tomllib.loads(text)
-    elif path.suffix == ".json":
-        values = json.loads(text)
-    else:
-        raise ValueError(f"dspark train: config file {path} must end in .yaml, .yml, .toml or .json.")
+    values = read_settings_mapping(path, "dspark train")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

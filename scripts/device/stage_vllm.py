@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import re
@@ -43,6 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from stage_smollm2 import sha256  # noqa: E402
 from vllm_imports import serve_imports  # noqa: E402
 
 from dspark.targets import SMOLLM2_GGUF_NAME, smollm2_gguf_path  # noqa: E402
@@ -112,14 +112,6 @@ SLIM_DROPS = (
 
 def mib(size: int) -> float:
     return size / 2**20
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
