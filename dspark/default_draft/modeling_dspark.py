@@ -408,12 +408,12 @@ class DSparkDraftOutput(ModelOutput):
     last_hidden_state: [B, 1 + N, H], the DFlash contract of transformers' `speculation_type="dflash"`:
         `last_hidden_state[:, 1:]` are the N drafting slots whatever the slot convention.
     draft_hidden_states: [B, N, H], entry j predicts the j-th drafted token (position anchor + 1 + j).
-    past_key_values: the draft cache, holding the context keys/values and (until cropped) the block's.
+    draft_cache: the draft cache, holding the context keys/values and (until cropped) the block's.
     """
 
     last_hidden_state: torch.Tensor | None = None
     draft_hidden_states: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    draft_cache: Cache | None = None
 
 
 @dataclass
@@ -730,7 +730,7 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         return DSparkDraftOutput(
             last_hidden_state=torch.cat([hidden[:, :1], draft_hidden], dim=1),
             draft_hidden_states=draft_hidden,
-            past_key_values=past_key_values,
+            draft_cache=past_key_values,
         )
 
     @property
