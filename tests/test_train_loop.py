@@ -205,6 +205,21 @@ def test_warm_start_from_a_zlab_dflash_checkpoint_keeps_its_backbone_and_adds_fr
         torch.testing.assert_close(warm.state_dict()[name], value.float(), msg=name)
 
 
+def test_a_warm_started_drafts_own_embedding_and_lm_head_stay_frozen(tmp_path, peaked_target, records):
+    owning = tiny_draft(peaked_target, block_size=4, markov_rank=8, has_embed_tokens=True, has_lm_head=True)
+    export_checkpoint(owning, tmp_path / "owning")
+    config = small_config(tmp_path, init_from=str(tmp_path / "owning"), max_steps=2)
+    trainer = Trainer(config, records=records, target=peaked_target)
+    draft = trainer.unwrapped_draft()
+    assert not draft.embed_tokens.weight.requires_grad and not draft.lm_head.weight.requires_grad
+    before = {name: value.clone() for name, value in draft.state_dict().items()}
+    trainer.run()
+    after = draft.state_dict()
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(after[name], before[name]), name
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+
+
 def test_a_draft_for_another_target_cannot_warm_start(tmp_path, peaked_target, records):
     other = tiny_llama(seed=0, vocab_size=128)
     export_checkpoint(tiny_draft(other, block_size=4), tmp_path / "other")

@@ -1,7 +1,9 @@
 """`dspark train`: train (or resume) a draft on a dataset written by `dspark data respond`.
 
-Single process: `dspark train --config train.yaml`. Many GPUs: `accelerate launch -m dspark.cli train --config ...`
-(DDP by default; FSDP through `accelerate config`). Rerunning with the same --output-dir resumes exactly.
+Single process: `dspark train --config train.yaml`. Many processes:
+`accelerate launch --multi_gpu --num_processes N -m dspark.cli train --config ...` (DDP; FSDP with `--use_fsdp`, see
+the README). `batch_size` is per process: a step trains on batch_size x N x gradient_accumulation_steps sequences.
+Rerunning with the same --output-dir resumes exactly.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from .trainer import train
 
     config = config_from_arguments(args)
     metrics = train(config)
-    print(json.dumps(metrics, indent=2))
+    if PartialState().is_main_process:  # every process returns the same (summed) metrics: print them once
+        print(json.dumps(metrics, indent=2))
     return 0

@@ -1,8 +1,10 @@
 """The training loop: online target features, packed anchor blocks, AdamW + warmup/cosine, exact resume.
 
-Runs on one CPU for tests and on many GPUs through `accelerate launch -m dspark.cli train ...` (DDP, or FSDP via the
-accelerate config). Determinism: the data order of each epoch and the anchors of each micro-batch are functions of
-(seed, epoch, micro-batch index), so a resumed run replays exactly what an uninterrupted run would have seen.
+Runs on one CPU for tests and on many GPUs through `accelerate launch --multi_gpu --num_processes N -m dspark.cli
+train ...` (DDP; FSDP with `--use_fsdp`, see the README). Determinism: the data order of each epoch and the anchors
+of each micro-batch are functions of (seed, epoch, global micro-batch index), whatever the number of processes (see
+`sharding`), so a resumed run replays exactly what an uninterrupted run would have seen, and N processes train on the
+global batches one process would.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast
 from torch import nn
 
 from .. import pair
@@ -26,7 +29,9 @@ from ..modeling_dspark import DSparkDraftModel
 from ..provenance import run_provenance
 from .config import TrainConfig
 from .curves import plot_learning_curve
+from .loss_totals import LossTotals
 from .objective import BlockLoss, DraftObjective, LossWeights, observe_target
+from .sharding import MicroBatchPlan, round_robin_share
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -59,21 +64,18 @@ def prepare_records(records: list[dict], config: TrainConfig) -> list[dict]:
     return usable
 
 
-def split_records(records: list[dict], config: TrainConfig) -> tuple[list[dict], list[dict]]:
+def split_records(records: list[dict], config: TrainConfig, processes: int = 1) -> tuple[list[dict], list[dict]]:
     train = [r for r in records if not is_heldout(r["id"], config.heldout_fraction)]
     heldout = [r for r in records if is_heldout(r["id"], config.heldout_fraction)]
-    if len(train) < config.batch_size:
+    global_batch = config.batch_size * processes * config.gradient_accumulation_steps
+    if len(train) < global_batch:
         raise ValueError(
             f"dspark train: only {len(train)} usable training sequences (of {len(records)} after the held-out split "
-            f"and length checks), fewer than one batch of {config.batch_size}. Generate more data with "
-            "`dspark data respond`, or lower --batch-size."
+            f"and length checks), fewer than one batch of {global_batch} (batch_size {config.batch_size} x "
+            f"{processes} processes x {config.gradient_accumulation_steps} accumulation steps). Generate more data "
+            "with `dspark data respond`, or lower --batch-size or --gradient-accumulation-steps."
         )
     return train, heldout
-
-
-def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(count, generator=generator).tolist()
 
 
 @dataclass
@@ -151,6 +153,11 @@ def build_draft(config: TrainConfig, target: nn.Module) -> DSparkDraftModel:
             f"dspark train: cannot warm-start from {config.init_from}: missing {bad_missing[:5]}, "
             f"unexpected {unexpected[:5]}. Use a checkpoint of the same draft shape."
         )
+    # A checkpoint's own embedding and lm_head are copies of the target's, which the objective treats as fixed (as
+    # DeepSpec does). Frozen parameters beside trainable ones in one FSDP unit need `fsdp_use_orig_params: true`.
+    for own in (draft.embed_tokens, draft.lm_head):
+        if own is not None:
+            own.requires_grad_(False)
     return draft.to(target.device).float().bind_target(target, allow_stateful=True)
 
 
@@ -191,7 +198,11 @@ def checkpoint_path(output_dir: Path, step: int) -> Path:
 
 
 class Trainer:
-    """Owns one training run. `run()` trains to the end (or to `stop_after_steps`) and returns the final metrics."""
+    """Owns one training run. `run()` trains to the end (or to `stop_after_steps`) and returns the final metrics.
+
+    Under `accelerate launch` every process builds the same Trainer; the processes share each global batch (see
+    `sharding`), sum their statistics before logging, and only the main process writes files.
+    """
 
     def __init__(
         self,
@@ -223,28 +234,49 @@ class Trainer:
 
             # several datasets (e.g. greedy and sampled answers) are joined with commas
             records = [r for folder in config.data_dir.split(",") for r in load_response_dataset(folder.strip())]
-        self.train_records, self.heldout_records = split_records(prepare_records(records, config), config)
+        processes = self.accelerator.num_processes
+        self.train_records, self.heldout_records = split_records(prepare_records(records, config), config, processes)
+        self.plan = MicroBatchPlan(
+            sequences=len(self.train_records),
+            batch_size=config.batch_size,
+            processes=processes,
+            accumulation=config.gradient_accumulation_steps,
+            seed=config.seed,
+        )
         torch.manual_seed(config.seed)  # the fresh draft's initial weights are part of the run's definition
         self.draft = build_draft(config, self.target)
         self.draft.check_target(self.target, allow_stateful=True)
         self.draft.train()
+        self.num_slots = self.draft.config.num_draft_tokens
         weights = LossWeights(config.ce_weight, config.tv_weight, config.confidence_weight, config.decay_gamma)
         objective = DraftObjective(self.draft, weights, config.attention)
-        world = self.accelerator.num_processes
-        per_step = config.batch_size * config.gradient_accumulation_steps * world
-        self.micro_batches_per_epoch = len(self.train_records) // (config.batch_size * world)
-        self.total_steps = config.max_steps or max(1, int(config.epochs * len(self.train_records) / per_step))
+        self.total_steps = config.max_steps or max(
+            1, int(config.epochs * len(self.train_records) / self.plan.global_batch)
+        )
         self.planned_steps = self.total_steps
-        trainable = [p for p in objective.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, lambda: self.total_steps))
-        self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
+        self.objective, self.optimizer = self._prepare(objective)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer, learning_rate_lambda(config, lambda: self.total_steps)
+        )
         # The schedule counts optimizer steps; accelerate's scheduler wrapper would step it once per process.
         self.scheduler = scheduler
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.step = 0
-        self.micro_batch = 0
         self._resume()
+
+    def _prepare(self, objective: DraftObjective) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """(wrapped objective, wrapped AdamW over its trainable parameters) for this launch (one process, DDP, FSDP)."""
+
+        def adamw(module: nn.Module) -> torch.optim.Optimizer:
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            return torch.optim.AdamW(trainable, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+
+        if self.accelerator.is_fsdp2:  # accelerate moves an FSDP2 optimizer onto the sharded parameters itself
+            return self.accelerator.prepare(objective, adamw(objective))
+        # FSDP1 flattens (or, with use_orig_params, re-views) the parameters while wrapping: the optimizer must see
+        # the wrapped module's parameters, so it is built after the model is prepared.
+        wrapped = self.accelerator.prepare(objective)
+        return wrapped, self.accelerator.prepare(adamw(wrapped))
 
     # -- state ------------------------------------------------------------------------------------------------------
 
@@ -260,28 +292,64 @@ class Trainer:
             for name in ("block_size", "num_hidden_layers", "markov_rank", "seed", "batch_size", "num_anchors")
             if getattr(saved, name) != getattr(self.config, name)
         ]
+        saved_global_batch = state.get("global_batch", saved.batch_size * saved.gradient_accumulation_steps)
+        if saved_global_batch != self.plan.global_batch:
+            changed.append(
+                f"global batch ({saved_global_batch} sequences then, {self.plan.global_batch} now: keep "
+                "batch_size x processes x gradient_accumulation_steps)"
+            )
         if changed:
             raise ValueError(
                 f"dspark train: {self.output_dir} holds a run with different {', '.join(changed)}; resume with the "
                 "same settings, or choose a new --output-dir."
             )
         self.accelerator.load_state(str(folder / "accelerate"))
+        # Checkpoints lie on optimizer-step boundaries; the saved micro-step count may come from another accumulation
+        # setting (a run resumed on a different number of processes), so accumulation restarts from zero.
+        self.accelerator.step = 0
         self.step = state["step"]
-        self.micro_batch = state["micro_batch"]
+        self._forget_metrics_after(self.step)
         self.accelerator.print(f"dspark train: resumed from {folder} at step {self.step}")
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drop the lines a stopped run logged after its last checkpoint: this run logs those steps again."""
+        path = self.output_dir / METRICS_FILE
+        if not (self.accelerator.is_main_process and path.is_file()):
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line torn by the kill
+        if len(kept) != len(lines):
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, path)
 
     def save_checkpoint(self) -> Path:
         """Atomic: everything is written to a temporary folder that is renamed into place only when complete."""
         final = checkpoint_path(self.output_dir, self.step)
         partial = final.with_name(final.name + ".partial")
+        draft_state = self.draft_state_dict()
         if self.accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial / "accelerate"))
+        # every process writes its own random-state file: all must be done before the folder moves
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.unwrapped_draft().save_pretrained(partial / "draft")
-            state = {"step": self.step, "micro_batch": self.micro_batch, "config": self.config.to_dict()}
+            self.unwrapped_draft().save_pretrained(partial / "draft", state_dict=draft_state)
+            state = {
+                "step": self.step,
+                "micro_batches": self.step * self.plan.micro_batches_per_step,
+                "global_batch": self.plan.global_batch,
+                "processes": self.plan.processes,
+                "config": self.config.to_dict(),
+            }
             (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
@@ -293,15 +361,17 @@ class Trainer:
     def unwrapped_draft(self) -> DSparkDraftModel:
         return self.accelerator.unwrap_model(self.objective).draft
 
+    def draft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The draft's full weights (a collective: under FSDP every process holds only a shard and must take part)."""
+        prefix = "draft."
+        full = self.accelerator.get_state_dict(self.objective)
+        return {name[len(prefix) :]: value for name, value in full.items() if name.startswith(prefix)}
+
     # -- batches ----------------------------------------------------------------------------------------------------
 
     def micro_batch_records(self, index: int) -> list[dict]:
-        """The records of global micro-batch `index` for this rank (epochs wrap around with a fresh order)."""
-        epoch, within = divmod(index, self.micro_batches_per_epoch)
-        order = epoch_order(len(self.train_records), self.config.seed, epoch)
-        size, world, rank = self.config.batch_size, self.accelerator.num_processes, self.accelerator.process_index
-        start = (within * world + rank) * size
-        return [self.train_records[i] for i in order[start : start + size]]
+        """The records of global micro-batch `index` (epochs wrap around with a fresh order)."""
+        return [self.train_records[i] for i in self.plan.sequence_positions(index)]
 
     def loss_on(self, records: list[dict], anchor_seed: int) -> BlockLoss:
         batch = collate(records, self.pad_token_id).to(self.device)
@@ -316,34 +386,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out teacher-forced acceptance: expected tokens per round and per-slot acceptance, fixed anchors."""
+        """Held-out teacher-forced acceptance: expected tokens per round and per-slot acceptance, fixed anchors.
+
+        The held-out batches are shared round-robin between processes and their statistics summed, so the result is
+        the one a single process would compute.
+        """
         records = self.heldout_records[: self.config.eval_sequences]
         if not records:
             return {}
         self.objective.eval()
-        totals: dict[str, float] = {"loss": 0.0, "expected_length": 0.0}
-        slot_acceptance = slot_match = slot_count = None
-        batches = 0
-        for start in range(0, len(records), self.config.batch_size):
-            result = self.loss_on(records[start : start + self.config.batch_size], anchor_seed=start)
-            totals["loss"] += float(result.total.detach())
-            totals["expected_length"] += float(result.expected_length)
-            weighted = result.slot_acceptance * result.slot_count
-            matched = result.slot_greedy_match * result.slot_count
-            slot_acceptance = weighted if slot_acceptance is None else slot_acceptance + weighted
-            slot_match = matched if slot_match is None else slot_match + matched
-            slot_count = result.slot_count if slot_count is None else slot_count + result.slot_count
-            batches += 1
+        size = self.config.batch_size
+        starts = range(0, len(records), size)
+        totals = LossTotals(self.num_slots, self.device)
+        for number in round_robin_share(len(starts), self.accelerator.process_index, self.accelerator.num_processes):
+            start = starts[0 if number is None else number]
+            batch = records[start : start + size]
+            result = self.loss_on(batch, anchor_seed=start)
+            if number is not None:
+                totals.add(result, tokens=sum(len(r["input_ids"]) for r in batch))
         self.objective.train()
-        return {
-            "split": "heldout",
-            "step": self.step,
-            "sequences": len(records),
-            "loss": totals["loss"] / batches,
-            "expected_length": totals["expected_length"] / batches,
-            "slot_acceptance": (slot_acceptance / slot_count.clamp(min=1)).tolist(),
-            "slot_greedy_match": (slot_match / slot_count.clamp(min=1)).tolist(),
-        }
+        means = totals.summed_across_processes(self.accelerator).means()
+        return {"split": "heldout", "step": self.step, "sequences": len(records), **means}
 
     # -- training ---------------------------------------------------------------------------------------------------
 
@@ -363,14 +426,13 @@ class Trainer:
             return None
         return tqdm(total=self.total_steps, initial=self.step, desc="dspark train", dynamic_ncols=True)
 
-    def train_step(self) -> tuple[BlockLoss, int]:
-        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the last loss and tokens."""
-        tokens = 0
-        for _ in range(self.config.gradient_accumulation_steps):
-            records = self.micro_batch_records(self.micro_batch)
-            seed = self.config.seed * 1_000_003 + self.micro_batch * self.accelerator.num_processes
+    def train_step(self) -> LossTotals:
+        """One optimizer step over this process's share of the global batch; returns this process's loss totals."""
+        totals = LossTotals(self.num_slots, self.device)
+        for index in self.plan.indices_for(self.step, self.accelerator.process_index):
+            records = self.micro_batch_records(index)
             with self.accelerator.accumulate(self.objective):
-                result = self.loss_on(records, anchor_seed=seed + self.accelerator.process_index)
+                result = self.loss_on(records, anchor_seed=self.plan.anchor_seed(index))
                 self.accelerator.backward(result.total)
                 if self.accelerator.sync_gradients and self.config.grad_clip > 0:
                     self.accelerator.clip_grad_norm_(self.objective.parameters(), self.config.grad_clip)
@@ -378,16 +440,18 @@ class Trainer:
                 if self.accelerator.sync_gradients:
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.micro_batch += 1
-            tokens += sum(len(r["input_ids"]) for r in records)
+            totals.add(result, tokens=sum(len(r["input_ids"]) for r in records))
         self.step += 1
-        return result, tokens
+        return totals
 
     def run(self) -> dict:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            (self.output_dir / "provenance.json").write_text(json.dumps(run_provenance(self.device), indent=2))
+            provenance = run_provenance(self.device)
+            provenance["processes"] = self.plan.processes
+            provenance["distributed_type"] = str(self.accelerator.distributed_type)
+            (self.output_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
         progress = self._progress()
         # a deliberate early stop (to test or to split a run); the time budget may move total_steps either way
         stop_after = self.step + self.config.stop_after_steps if self.config.stop_after_steps else None
@@ -396,30 +460,28 @@ class Trainer:
         last_eval: dict = {}
         while self.step < (self.total_steps if stop_after is None else min(self.total_steps, stop_after)):
             try:
-                result, tokens = self.train_step()
+                totals = self.train_step()
             except torch.OutOfMemoryError as error:
                 raise RuntimeError(
                     "dspark train: out of GPU memory. Lower --batch-size (and raise --gradient-accumulation-steps to "
                     "keep the effective batch), lower --num-anchors or --max-length, or use more GPUs."
                 ) from error
-            window_tokens += tokens
+            window_tokens += totals.tokens
             self._fit_time_budget(run_started)
             if progress is not None:
                 progress.total = self.total_steps
                 progress.update(1)
             if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                step_means = totals.summed_across_processes(self.accelerator).means()
                 elapsed = time.perf_counter() - window_start
+                tokens = int(self.accelerator.reduce(torch.tensor(window_tokens, device=self.device), "sum"))
                 record = {
                     "split": "train",
                     "step": self.step,
-                    "loss": float(result.total.detach()),
-                    "ce": float(result.ce),
-                    "tv": float(result.tv),
-                    "confidence": float(result.confidence),
-                    "expected_length": float(result.expected_length),
-                    "slot_acceptance": result.slot_acceptance.tolist(),
+                    **{name: value for name, value in step_means.items() if name != "tokens"},
                     "learning_rate": self.scheduler.get_last_lr()[0],
-                    "tokens_per_second": window_tokens * self.accelerator.num_processes / max(elapsed, 1e-9),
+                    "tokens": tokens,  # all processes, since the last record
+                    "tokens_per_second": tokens / max(elapsed, 1e-9),
                 }
                 self.log(record)
                 if progress is not None:
@@ -452,6 +514,8 @@ class Trainer:
 
         The estimate is refreshed at 10, 30, 100 and 300 steps (early steps are slower: allocator warm-up, kernel
         selection, other jobs starting), never beyond the configured length. Timing starts after the first step.
+        The main process's clock decides for all: processes that disagreed on the run's length would wait forever
+        for each other at its end.
         """
         budget = self.config.time_budget_minutes * 60
         done = self.step - self._budget_step
@@ -466,9 +530,11 @@ class Trainer:
         seconds_per_step = (time.perf_counter() - started) / (self.step - first_step)
         # leave room for evaluations (about one step per held-out batch) and the final save
         heldout_batches = math.ceil(min(len(self.heldout_records), self.config.eval_sequences) / self.config.batch_size)
+        heldout_batches = math.ceil(heldout_batches / self.plan.processes)
         evaluations = 1 + (self.planned_steps // self.config.eval_every if self.config.eval_every else 0)
         remaining = budget - (time.perf_counter() - run_started) - evaluations * heldout_batches * seconds_per_step
         fits = min(self.planned_steps, self.step + max(0, int(remaining / seconds_per_step)))
+        fits = int(broadcast(torch.tensor([fits], device=self.device), from_process=0)[0])
         if fits != self.total_steps:
             self.accelerator.print(
                 f"dspark train: {seconds_per_step * 1000:.0f} ms/step; the {self.config.time_budget_minutes:g}-minute "
@@ -478,10 +544,11 @@ class Trainer:
 
     def save_final(self) -> Path:
         final = self.output_dir / FINAL_DIR
+        draft_state = self.draft_state_dict()
         if self.accelerator.is_main_process:
             partial = final.with_name(FINAL_DIR + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            self.unwrapped_draft().save_pretrained(partial)
+            self.unwrapped_draft().save_pretrained(partial, state_dict=draft_state)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             plot_learning_curve(self.output_dir / METRICS_FILE, self.output_dir / "learning_curve.png")
