@@ -413,7 +413,7 @@ class DSparkDraftOutput(ModelOutput):
 
     last_hidden_state: torch.Tensor | None = None
     draft_hidden_states: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
 
 
 @dataclass
