@@ -8,12 +8,22 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from . import convert, generate_command, selfcheck
+    from .demo import command as demo_command
     from .evaluation import bench_command, eval_command
     from .train import data_command, train_command
 
     parser = argparse.ArgumentParser(prog="dspark", description="DSpark speculative-decoding drafts for transformers")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (generate_command, selfcheck, convert, data_command, train_command, eval_command, bench_command):
+    for module in (
+        generate_command,
+        selfcheck,
+        convert,
+        data_command,
+        train_command,
+        eval_command,
+        bench_command,
+        demo_command,
+    ):
         sub = commands.add_parser(module.COMMAND, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
