@@ -8,6 +8,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from . import card_command, convert, generate_command, selfcheck
+    from .demo import command as demo_command
     from .evaluation import bench_command, eval_command
     from .train import data_command, train_command
     from .vllm import command as vllm_command
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         bench_command,
         card_command,
         vllm_command,
+        demo_command,
     ):
         sub = commands.add_parser(module.COMMAND, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
