@@ -1,4 +1,4 @@
-"""`dspark vllm patch|verify|revert|export`: serve DSpark drafts in vLLM 0.23.0."""
+"""`dspark vllm patch|verify|revert|export|export-target`: serve DSpark drafts (and their target) in vLLM 0.23.0."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 
 from . import patching
 from .export import export_for_vllm
+from .target_export import export_target, load_target_for_export
 
 COMMAND = "vllm"
-HELP = "patch vLLM 0.23.0 for DSpark drafts (patch / verify / revert) and export a draft it can serve"
+HELP = "patch vLLM 0.23.0 for DSpark drafts (patch / verify / revert) and export a draft or target it can serve"
 
 
 def _add_install_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +45,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("destination", help="folder to write (created; must be empty unless --force)")
     export.add_argument("--target", default="TARGET", help="target model name shown in the serve command")
     export.add_argument("--force", action="store_true", help="write into a non-empty DESTINATION")
+    target = actions.add_parser(
+        "export-target",
+        help="write the target as a bf16 or NVFP4 (ModelOpt W4A16_NVFP4) HF checkpoint vLLM 0.23 serves",
+        description="write the target as an HF checkpoint vLLM 0.23 serves: bf16, or with --nvfp4 its decoder "
+        "linear layers as ModelOpt NVFP4 weight-only (group 16, FP8 group scales, FP32 global scale)",
+    )
+    target.add_argument("destination", help="folder to write (created; must be empty unless --force)")
+    target.add_argument("--target", default="smollm2", help="'smollm2' (the GGUF target) or an HF folder / repo id")
+    target.add_argument("--nvfp4", action="store_true", help="quantize the decoder's linear layers to NVFP4 (W4A16)")
+    target.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="more modules to keep in bf16 (names, substrings or globs, as ModelOpt's exclude_modules); "
+        "lm_head always is",
+    )
+    target.add_argument(
+        "--no-marlin-check",
+        dest="marlin_check",
+        action="store_false",
+        help="also quantize layers whose shape vLLM's Marlin FP4 GEMM (the Hopper kernel) cannot tile",
+    )
+    target.add_argument("--force", action="store_true", help="write into a non-empty DESTINATION")
+
+
+def _export_target(args: argparse.Namespace) -> int:
+    model, tokenizer, eos = load_target_for_export(args.target)
+    result = export_target(
+        model,
+        tokenizer,
+        args.destination,
+        eos_token_id=eos,
+        nvfp4_weights=args.nvfp4,
+        exclude=args.exclude,
+        marlin_shapes_only=args.marlin_check,
+        overwrite=args.force,
+    )
+    kind = f"NVFP4 W4A16 ({len(result.quantized)} linear modules quantized)" if args.nvfp4 else "bf16"
+    print(f"wrote {result.destination} ({kind})")
+    for note in result.notes:
+        print(f"  note: {note}")
+    print(f"serve it: {result.serve_command()}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.vllm_action == "export-target":
+        return _export_target(args)
     if args.vllm_action == "export":
         result = export_for_vllm(args.source, args.destination, overwrite=args.force)
         print(f"wrote {result.destination}")
