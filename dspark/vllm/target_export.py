@@ -168,6 +168,8 @@ def hf_config_dict(model, eos_token_id: int | None, pad_token_id: int | None, bo
     for key in _LOADER_KEYS:
         config.pop(key, None)
     config["dtype"] = "bfloat16"
+    # GGUF-loaded configs carry no architectures; vLLM picks the model class from this list.
+    config["architectures"] = [type(model).__name__]
     for key, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id)):
         if value is not None:
             config[key] = value
