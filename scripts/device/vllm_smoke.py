@@ -1,20 +1,25 @@
-"""GPU smoke test of patched vLLM 0.23.0 serving SmolLM2-135M-Instruct with the shipped DSpark draft.
+"""GPU smoke test of patched vLLM 0.23.0 serving SmolLM2-135M-Instruct, bf16 and NVFP4, with the shipped DSpark draft.
 
 Runs after `source scripts/device/vllm_stage.sh assemble ...` and `dspark vllm patch --vllm-root /tmp/site`
 (scripts/device/vllm_smoke.sh does both). Not run on CI: it needs the GPU machine.
 
-1. The target: the SmolLM2 GGUF ($DSPARK_SMOLLM2_GGUF) dequantised by transformers and saved as a bf16 HF folder.
+1. The targets: `dspark vllm export-target` of the SmolLM2 GGUF ($DSPARK_SMOLLM2_GGUF), once bf16 and once NVFP4
+   (ModelOpt W4A16_NVFP4; on Hopper vLLM runs it through the Marlin FP4 GEMM).
 2. The draft: `dspark vllm export dspark/default_draft` (anchor-first, Markov head, confidence head).
-3. Two `vllm serve` runs on FLASH_ATTN, eager: the target alone, then with the draft
-   (`method: dflash`, `draft_sample_method: probabilistic`, num_speculative_tokens = the draft's block size).
-4. Greedy completions must match the target alone; sampled completions run 4 requests at once (the per-request
-   temperature expansion for batches >= 2); acceptance comes from the server's spec-decode counters.
-Writes $OUT/vllm_smoke.json and the server logs.
+3. Per target, two `vllm serve` processes side by side on FLASH_ATTN, eager: the target alone and the target with the
+   draft (`method: dflash`, `draft_sample_method: probabilistic`, num_speculative_tokens = the draft's block size).
+4. Greedy completions of the speculative server must match the target alone; sampled completions run 4 requests at
+   once (the per-request temperature expansion for batches >= 2); acceptance comes from the spec-decode counters.
+5. `dspark bench --serving-spec-url ... --serving-base-url ...` at concurrency 1 and 8 (ABBA, paired speedups).
+Every step prints `[smoke] step: ...`; a failure prints `SMOKE FAILED at step '...'` with the error and exits 1.
+Writes $OUT/vllm_smoke.json, $OUT/bench_<target>/ and the server logs. About 8 minutes on one H200 (4 server starts
+in 2 parallel pairs, ~1.5 min each pair, plus the bench).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -33,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from dspark.targets import SMOLLM2_END_OF_TURN_ID, load_smollm2  # noqa: E402
 from dspark.vllm.export import export_for_vllm  # noqa: E402
+from dspark.vllm.target_export import export_target  # noqa: E402
 
 PROMPTS = [
     "Explain photosynthesis in two sentences.",
@@ -41,16 +47,45 @@ PROMPTS = [
     "List three tips for writing clear documentation.",
 ]
 SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+TARGETS = {"bf16": Path("/tmp/smollm2-bf16"), "nvfp4": Path("/tmp/smollm2-nvfp4")}
+BENCH_CONCURRENCY = ("1", "8")
 
 
-def prepare_target(folder: Path) -> list[str]:
-    """Save the dequantised target as an HF folder; return the chat-formatted prompts."""
+class StepFailed(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def step(name: str, result: dict):
+    """Announce a step; on any error record and print which one failed, then stop the run."""
+    print(f"[smoke] step: {name}", flush=True)
+    started = time.time()
+    try:
+        yield
+    except Exception as error:
+        result["failed_step"] = name
+        result["error"] = f"{type(error).__name__}: {error}"
+        print(f"SMOKE FAILED at step '{name}': {result['error']}", flush=True)
+        raise StepFailed(name) from error
+    result.setdefault("step_seconds", {})[name] = round(time.time() - started, 1)
+
+
+def prepare_targets() -> list[str]:
+    """Export the target bf16 and NVFP4 (`dspark vllm export-target`); return the chat-formatted prompts."""
     import torch
 
-    model, tokenizer = load_smollm2(dtype=torch.bfloat16)
-    model.generation_config.eos_token_id = SMOLLM2_END_OF_TURN_ID
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model, tokenizer = load_smollm2(dtype=torch.float32)
+    for label, folder in TARGETS.items():
+        exported = export_target(
+            model,
+            tokenizer,
+            folder,
+            eos_token_id=SMOLLM2_END_OF_TURN_ID,
+            nvfp4_weights=label == "nvfp4",
+            overwrite=True,
+        )
+        for note in exported.notes:
+            print(f"  {label}: {note}")
     return [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
         for p in PROMPTS
@@ -70,6 +105,13 @@ class Server:
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def __enter__(self) -> Server:
+        try:
+            return self._wait_until_healthy()
+        except BaseException:
+            self.__exit__()  # a server that never came up must not outlive the step
+            raise
+
+    def _wait_until_healthy(self) -> Server:
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -83,11 +125,12 @@ class Server:
         raise TimeoutError(f"vllm serve did not come up in 300 s; see {self.log.name}")
 
     def __exit__(self, *exc) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.log.close()
 
     def complete(self, model: Path, prompt: str, temperature: float, max_tokens: int = 96) -> str:
@@ -105,48 +148,101 @@ class Server:
         return counters
 
 
-def main() -> None:
+def acceptance(counters: dict[str, float]) -> dict[str, float]:
+    drafts = counters["num_drafts"] or 1.0
+    return {
+        **counters,
+        "acceptance_length": 1.0 + counters["num_accepted_tokens"] / drafts,
+        "acceptance_rate": counters["num_accepted_tokens"] / (counters["num_draft_tokens"] or 1.0),
+    }
+
+
+def serve_and_compare(label: str, target: Path, prompts: list[str], speculative: dict, out: Path, result: dict) -> None:
+    """Both servers for one target: greedy identity, sampled batch, acceptance, then `dspark bench` against them."""
+    record: dict = {}
+    result["targets"][label] = record
+    base_port, spec_port = (8011, 8012) if label == "bf16" else (8021, 8022)
+    with step(f"{label}: start vllm serve (target alone and with the DSpark draft)", result):
+        stack = contextlib.ExitStack()
+        # Both processes start before either is waited for, so the two start-ups overlap.
+        servers = [
+            Server(target, base_port, out / f"serve_{label}_target.log", None),
+            Server(target, spec_port, out / f"serve_{label}_dspark.log", speculative),
+        ]
+        try:
+            base_server, spec_server = (stack.enter_context(server) for server in servers)
+        except BaseException:
+            for server in servers:
+                server.__exit__()
+            stack.close()
+            raise
+        base, spec = base_server, spec_server
+    with stack:
+        with step(f"{label}: greedy completions, target alone vs speculative", result):
+            baseline = [base.complete(target, prompt, 0.0) for prompt in prompts]
+            greedy = [spec.complete(target, prompt, 0.0) for prompt in prompts]
+            record["greedy_identical"] = [a == b for a, b in zip(baseline, greedy, strict=True)]
+            record["greedy"] = {"target": baseline, "dspark": greedy}
+            record["acceptance_greedy"] = acceptance(spec.spec_counters())
+        with step(f"{label}: 4 concurrent sampled requests on the speculative server", result):
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                record["sampled"] = list(pool.map(lambda prompt: spec.complete(target, prompt, 0.8), prompts))
+            record["acceptance_all"] = acceptance(spec.spec_counters())
+        with step(f"{label}: dspark bench --serving-* at concurrency {' and '.join(BENCH_CONCURRENCY)}", result):
+            # The local half of the bench needs a transformers-loadable target: the bf16 folder (same tokenizer).
+            command = [sys.executable, "-m", "dspark.cli", "bench", "--target", str(TARGETS["bf16"])]
+            command += ["--draft", "none", "--methods", "plain", "--batch-sizes", "1", "--rounds", "2", "--limit", "3"]
+            command += ["--max-new-tokens", "64", "--bootstrap-replicates", "500", "--no-progress"]
+            command += ["--serving-spec-url", spec.url, "--serving-base-url", base.url]
+            command += ["--serving-model", str(target), "--serving-concurrency", *BENCH_CONCURRENCY]
+            command += ["--out", str(out / f"bench_{label}")]
+            with (out / f"bench_{label}.log").open("w") as log:
+                done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            if done.returncode:
+                raise RuntimeError(f"dspark bench exited with {done.returncode}; see {out / f'bench_{label}.log'}")
+            bench = json.loads((out / f"bench_{label}" / "bench.json").read_text())
+            record["bench_serving_summary"] = bench.get("serving", {}).get("summary")
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/vllm_smoke_out")))
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    target, draft = Path("/tmp/smollm2-hf"), Path("/tmp/dspark-draft-vllm")
-    prompts = prepare_target(target)
-    exported = export_for_vllm(REPO / "dspark" / "default_draft", draft, overwrite=True)
-    speculative = {
-        "method": "dflash",
-        "model": str(draft),
-        "num_speculative_tokens": exported.num_speculative_tokens,
-        "attention_backend": "FLASH_ATTN",
-        "draft_sample_method": "probabilistic",
-    }
-    result: dict = {"speculative_config": speculative, "notes": exported.notes}
-
-    with Server(target, 8011, args.out / "serve_target.log", None) as server:
-        baseline = [server.complete(target, prompt, 0.0) for prompt in prompts]
+    draft = Path("/tmp/dspark-draft-vllm")
+    result: dict = {"targets": {}}
     started = time.time()
-    with Server(target, 8012, args.out / "serve_dspark.log", speculative) as server:
-        greedy = [server.complete(target, prompt, 0.0) for prompt in prompts]
-        after_greedy = server.spec_counters()
-        with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: a batch of >= 2 sampled requests
-            sampled = list(pool.map(lambda prompt: server.complete(target, prompt, 0.8), prompts))
-        after_sampled = server.spec_counters()
-    result["serve_seconds"] = round(time.time() - started, 1)
-    result["greedy_identical"] = [a == b for a, b in zip(baseline, greedy, strict=True)]
-    result["greedy"] = {"target": baseline, "dspark": greedy}
-    result["sampled"] = sampled
-    for label, counters in (("greedy", after_greedy), ("all", after_sampled)):
-        drafts = counters["num_drafts"] or 1.0
-        result[f"acceptance_{label}"] = {
-            **counters,
-            "acceptance_length": 1.0 + counters["num_accepted_tokens"] / drafts,
-            "acceptance_rate": counters["num_accepted_tokens"] / (counters["num_draft_tokens"] or 1.0),
+    try:
+        with step("export the target (bf16 and NVFP4) with dspark vllm export-target", result):
+            prompts = prepare_targets()
+        with step("export the draft with dspark vllm export", result):
+            exported = export_for_vllm(REPO / "dspark" / "default_draft", draft, overwrite=True)
+            speculative = {
+                "method": "dflash",
+                "model": str(draft),
+                "num_speculative_tokens": exported.num_speculative_tokens,
+                "attention_backend": "FLASH_ATTN",
+                "draft_sample_method": "probabilistic",
+            }
+            result.update(speculative_config=speculative, notes=exported.notes)
+        for label in args.targets:
+            serve_and_compare(label, TARGETS[label], prompts, speculative, args.out, result)
+    except StepFailed:
+        return 1
+    finally:
+        result["total_seconds"] = round(time.time() - started, 1)
+        (args.out / "vllm_smoke.json").write_text(json.dumps(result, indent=2))
+        brief = {
+            label: {k: v for k, v in record.items() if k not in ("greedy", "sampled")}
+            for label, record in result["targets"].items()
         }
-    (args.out / "vllm_smoke.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({key: value for key, value in result.items() if key not in ("greedy", "sampled")}, indent=2))
-    if not all(result["greedy_identical"]):
-        print("greedy outputs differ from the target alone (bf16 kernels can diverge late; inspect the JSON)")
+        print(json.dumps({**{k: v for k, v in result.items() if k != "targets"}, "targets": brief}, indent=2))
+    for label, record in result["targets"].items():
+        if not all(record.get("greedy_identical", [])):
+            print(f"{label}: greedy outputs differ from the target alone (bf16 kernels can diverge late; see the JSON)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
