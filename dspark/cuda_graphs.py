@@ -1,0 +1,55 @@
+"""Manual CUDA-graph capture of a step that reads and writes only fixed-address buffers.
+
+Batch-1 decoding on a GPU is bound by kernel launches and host work (measured on an H200: a Qwen3-8B-shaped verify
+of 9 tokens takes 34.9 ms eager, 10.6 ms replayed from a graph, against a 3.65 ms roofline). A graph records the
+kernels of one call once and replays them with a single launch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def capture_cuda_graph(run: Callable[[], object], reset: Callable[[], None], warmup: int = 2) -> torch.cuda.CUDAGraph:
+    """Record one call of `run` (after `reset`) into a CUDA graph; the warm-up calls run on a side stream first, as
+    PyTorch requires (they trigger lazy allocations, cuBLAS workspace and kernel selection outside the capture).
+
+    `run` must not sync with the host or allocate outputs it returns to the caller: whatever it leaves behind must be
+    written into buffers the caller owns. `reset` puts inputs back so that every warm-up call sees the same state.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(max(warmup, 1)):
+            reset()
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    reset()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
+
+
+class GraphedStep:
+    """A step run eagerly (CPU, or graphs off), or captured on its first call and replayed from then on.
+
+    The first call captures and then replays, so its effect is that of exactly one call of `step`: `step` must be
+    idempotent given its input buffers (it recomputes its outputs; state advances happen outside it).
+    """
+
+    def __init__(self, step: Callable[[], object], use_graph: bool, warmup: int = 2):
+        self.step = step
+        self.use_graph = use_graph
+        self.warmup = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self) -> None:
+        if not self.use_graph:
+            self.step()
+            return
+        if self.graph is None:
+            self.graph = capture_cuda_graph(self.step, lambda: None, self.warmup)
+        self.graph.replay()
