@@ -10,6 +10,7 @@ import torch
 from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import dspark.speculative as dynamic_loop
 import dspark.static_loop as static_loop
 from dspark.speculative import speculative_generate
 from dspark.static_loop import confidence_lengths
@@ -25,22 +26,29 @@ def plain_greedy(target, ids: torch.Tensor, max_new_tokens: int, eos: int | None
 
 
 class StaticOracle:
-    """Makes the draft propose the true continuation, wrong where (round + slot) % wrong_every == 0.
+    """Makes the draft propose the true continuation, wrong where (round + slot) % wrong_every == 0, and records the
+    draft's hidden states of every round.
 
-    The static loop keeps no Python-side state per round, so the oracle reads the anchor's position from the
-    runner's device counter: slot j predicts generated token number (position - P + 1) + j.
+    The static loop keeps no Python-side state per round, so by default the oracle reads the anchor's position from
+    the runner's device counter: slot j predicts generated token number (position - P + 1) + j.
     """
 
-    def __init__(self, draft, continuation: list[int], prompt_length: int, wrong_every: int):
+    def __init__(self, draft, continuation: list[int], prompt_length: int, wrong_every: int, produced=None):
         self.calls = 0
+        self.hidden: list[torch.Tensor] = []
         vocab = draft.config.vocab_size
+        if produced is None:
+
+            def produced():
+                return int(static_loop._RUNNERS[draft].buffers.length) - prompt_length + 1
 
         def block_logits(draft_hidden):
             self.calls += 1
-            produced = int(static_loop._RUNNERS[draft].buffers.length) - prompt_length + 1
+            self.hidden.append(draft_hidden.clone())
+            produced_count = produced()
             logits = torch.zeros(1, draft_hidden.shape[1], vocab)
             for slot in range(draft_hidden.shape[1]):
-                index = produced + slot
+                index = produced_count + slot
                 truth = continuation[index] if index < len(continuation) else 0
                 wrong = (self.calls + slot) % wrong_every == 0
                 logits[0, slot, (truth + 1) % vocab if wrong else truth] = 30.0
@@ -49,15 +57,14 @@ class StaticOracle:
         draft.block_logits = block_logits
 
 
-@pytest.mark.parametrize("make_target", [tiny_llama, tiny_qwen3])
 @pytest.mark.parametrize(
-    "draft_kwargs",
+    "make_target, draft_kwargs",
     [
-        {"block_size": 2, "markov_rank": 4},
-        {"block_size": 5, "markov_rank": 4, "enable_confidence_head": True, "confidence_threshold": 0.5},
-        {"block_size": 4, "sample_from_anchor": False},
+        (tiny_llama, {"block_size": 2, "markov_rank": 4}),
+        (tiny_qwen3, {"block_size": 5, "markov_rank": 4, "enable_confidence_head": True, "confidence_threshold": 0.5}),
+        (tiny_llama, {"block_size": 4, "sample_from_anchor": False}),
     ],
-    ids=["block2-markov", "block5-confidence-stop", "block4-dflash-slots"],
+    ids=["llama-block2-markov", "qwen3-block5-confidence-stop", "llama-block4-dflash-slots"],
 )
 def test_static_greedy_equals_plain_generate_and_dynamic_loop(make_target, draft_kwargs):
     target = make_target(seed=2)
@@ -72,6 +79,30 @@ def test_static_greedy_equals_plain_generate_and_dynamic_loop(make_target, draft
     assert len(set(lengths[:-1])) > 1, "rounds must advance by different amounts"
     dynamic = speculative_generate(target, draft, ids, max_new_tokens=30)
     assert torch.equal(static.sequences, dynamic)
+
+
+@pytest.mark.parametrize("sample_from_anchor", [True, False])
+def test_static_draft_step_sees_what_the_dynamic_draft_step_sees(sample_from_anchor, monkeypatch):
+    """The draft's hidden states per round equal the dynamic loop's: same context entries, positions and masks."""
+    target = tiny_qwen3(seed=12)
+    draft = tiny_draft(target, block_size=4, markov_rank=4, sample_from_anchor=sample_from_anchor)
+    ids = prompt(7, seed=9)
+    continuation = plain_greedy(target, ids, 24)
+    static = StaticOracle(draft, continuation, ids.shape[1], wrong_every=3)
+    speculative_generate(target, draft, ids, max_new_tokens=24, static_cache=True)
+    states = []
+    original_round = dynamic_loop.draft_round
+
+    def draft_round(draft_model, state, processors, do_sample):
+        states.append(state)
+        return original_round(draft_model, state, processors, do_sample)
+
+    monkeypatch.setattr(dynamic_loop, "draft_round", draft_round)
+    dynamic = StaticOracle(draft, continuation, ids.shape[1], 3, produced=lambda: len(states[-1].generated[0]))
+    speculative_generate(target, draft, ids, max_new_tokens=24)
+    assert len(static.hidden) == len(dynamic.hidden) > 3
+    for round_index, (ours, theirs) in enumerate(zip(static.hidden, dynamic.hidden)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=f"round {round_index}")
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 6, 7])
@@ -157,6 +188,35 @@ def test_sampling_statistics_add_up_and_events_match_the_output():
     for event in events[1:-1]:
         assert event.emitted == [*event.accepted, event.next_token]
         assert 1 <= len(event.accepted) + len(event.rejected) <= draft.config.num_draft_tokens
+
+
+def test_sampling_draws_what_the_dynamic_loop_draws_from_the_same_seeds():
+    """Both loops consume random numbers in the same order (prefill token, N draft slots, then verification from
+    `generator`), so equal seeds give equal samples unless q or p differ: a check that the static path verifies
+    against the same draft q and target p, which the lossless guarantee rests on (tested statistically for the
+    dynamic loop in test_speculative_loop.py)."""
+    target = tiny_llama(seed=13, vocab_size=32)
+    draft = tiny_draft(target, block_size=4, markov_rank=4)
+    ids = prompt(5, seed=10, vocab=32)
+    outputs = []
+    for static in (True, False):
+        torch.manual_seed(3)
+        out = speculative_generate(
+            target,
+            draft,
+            ids,
+            max_new_tokens=40,
+            do_sample=True,
+            temperature=1.2,
+            top_p=0.95,
+            static_cache=static,
+            return_stats=True,
+            generator=torch.Generator().manual_seed(4),
+        )
+        outputs.append(out)
+    assert outputs[0].generated == outputs[1].generated
+    assert outputs[0].stats["per_row"] == outputs[1].stats["per_row"]
+    assert outputs[0].stats["accepted"] > 3, "needs accepted drafts to compare rejection sampling"
 
 
 @pytest.mark.parametrize("rule", ["position", "survival"])
