@@ -12,12 +12,15 @@ from collections.abc import Callable
 import torch
 
 
-def capture_cuda_graph(run: Callable[[], object], reset: Callable[[], None], warmup: int = 2) -> torch.cuda.CUDAGraph:
+def capture_cuda_graph(
+    run: Callable[[], object], reset: Callable[[], None], warmup: int = 2
+) -> tuple[torch.cuda.CUDAGraph, object]:
     """Record one call of `run` (after `reset`) into a CUDA graph; the warm-up calls run on a side stream first, as
     PyTorch requires (they trigger lazy allocations, cuBLAS workspace and kernel selection outside the capture).
 
-    `run` must not sync with the host or allocate outputs it returns to the caller: whatever it leaves behind must be
-    written into buffers the caller owns. `reset` puts inputs back so that every warm-up call sees the same state.
+    Returns the graph and what `run` returned while being recorded: tensors in the graph's private memory that every
+    replay rewrites. `run` must not sync with the host; its inputs must live at fixed addresses. `reset` puts inputs
+    back so that every warm-up call sees the same state.
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -29,8 +32,8 @@ def capture_cuda_graph(run: Callable[[], object], reset: Callable[[], None], war
     graph = torch.cuda.CUDAGraph()
     reset()
     with torch.cuda.graph(graph):
-        run()
-    return graph
+        output = run()
+    return graph, output
 
 
 class GraphedStep:
@@ -51,5 +54,5 @@ class GraphedStep:
             self.step()
             return
         if self.graph is None:
-            self.graph = capture_cuda_graph(self.step, lambda: None, self.warmup)
+            self.graph, _ = capture_cuda_graph(self.step, lambda: None, self.warmup)
         self.graph.replay()
