@@ -41,7 +41,7 @@ from .static_cache import (
     causal_key_mask,
     set_static_cache_position,
 )
-from .verify import accept_prefix, verify
+from .verify import Verdict, accept_prefix, verify
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -122,13 +122,16 @@ class StaticSpeculativeRunner:
         do_sample: bool,
         use_graphs: bool,
         key: tuple = (),
+        draft_tokens: int | None = None,
     ):
         self.key = key  # what `runner_for` compares to decide whether a later call can reuse this runner
         self.target, self.draft = target, draft
         self.processors, self.do_sample = processors, do_sample
         self.max_len = max_len
         self.slots = draft.config.block_size
-        self.count = draft.config.num_draft_tokens
+        # Verify only the first `draft_tokens` drafted tokens (0: no draft at all, plain decoding on this path).
+        full = draft.config.num_draft_tokens
+        self.count = full if draft_tokens is None else max(0, min(draft_tokens, full))
         self.queries = self.count + 1
         self.keyword = cache_keyword(target)
         device, vocab = target.device, target.config.get_text_config().vocab_size
@@ -136,7 +139,8 @@ class StaticSpeculativeRunner:
         mask_dtype = torch.bool if target.config._attn_implementation == "sdpa" else target.dtype
         self.target_cache = StaticCache(config=target.config, max_cache_len=max_len)
         # The draft cache also holds a whole verify block of context and the drafted block beyond the sequence.
-        self.draft_cache = StaticDraftCache(draft.config, max_len + self.queries + self.slots, draft.dtype, device)
+        draft_len = bucket_length(max_len + self.queries + self.slots, 16)
+        self.draft_cache = StaticDraftCache(draft.config, draft_len, draft.dtype, device)
         self.buffers = StaticBuffers(
             length=torch.zeros((), dtype=torch.long, device=device),
             kept=torch.zeros((), dtype=torch.long, device=device),
@@ -190,6 +194,8 @@ class StaticSpeculativeRunner:
         are written from cache index length - kept on (so the rejected entries of last round's block are overwritten)
         and the block after all C of them; the mask shows the sequence and the block only.
         """
+        if self.count == 0:
+            return  # plain decoding: nothing to draft
         b, draft, cache = self.buffers, self.draft, self.draft_cache
         device, fresh = context.device, context.shape[1]
         base = b.length - b.kept
@@ -203,7 +209,9 @@ class StaticSpeculativeRunner:
         out = draft(draft.embed_block(b.anchor), context, position_ids=positions, attention_mask=mask, cache=cache)
         chooser = ProcessorTokenChooser(b.anchor[:, None], self.processors, self.do_sample)
         # threshold 0: draft every slot (no data-dependent break); the confidence stop is applied just below.
-        block = draft.draft_block(out.draft_hidden_states, b.anchor, chooser, confidence_threshold=0.0)
+        block = draft.draft_block(
+            out.draft_hidden_states, b.anchor, chooser, max_tokens=self.count, confidence_threshold=0.0
+        )
         b.block_tokens.copy_(block.tokens)
         b.q_logits.copy_(block.q_logits)
         lengths = confidence_lengths(block.confidence, self.count, draft.config)
@@ -223,22 +231,29 @@ class StaticSpeculativeRunner:
             position_ids=(b.length + torch.arange(self.queries, device=device))[None],
             **{self.keyword: self.target_cache},
             use_cache=True,
-            output_hidden_states=True,
+            output_hidden_states=self.count > 0,  # plain decoding feeds no draft
         )
         b.logits.copy_(out.logits)
-        b.features.copy_(extract_target_features(out.hidden_states, self.draft.config.target_layer_ids))
+        if self.count > 0:
+            b.features.copy_(extract_target_features(out.hidden_states, self.draft.config.target_layer_ids))
 
     # -- accept (eager, small) ---------------------------------------------------------------------------------------
+
+    def processed(self, logits: torch.Tensor) -> torch.Tensor:
+        """[1, Q, V] -> the same through the warpers (position-independent, so one call over all positions)."""
+        if not self.processors:
+            return logits
+        flat = logits.reshape(-1, logits.shape[-1])
+        return self.processors(flat.new_zeros(flat.shape[0], 0, dtype=torch.long), flat).view_as(logits)
 
     def accept(self, generator: torch.Generator | None) -> list[int]:
         """Verify the block, advance the device state, and read back [accepted, next token, proposed, *drafted]."""
         b = self.buffers
-        target_logits = b.logits
-        if self.processors:
-            flat = target_logits.reshape(-1, target_logits.shape[-1])
-            target_logits = self.processors(flat.new_zeros(flat.shape[0], 0, dtype=torch.long), flat)
-            target_logits = target_logits.view_as(b.logits)
-        verdict = verify(b.block_tokens, b.proposed, b.q_logits, target_logits, self.do_sample, generator)
+        if self.count == 0:
+            verdict = Verdict(b.proposed.new_zeros(1), self.choose(b.logits[:, 0]))
+        else:
+            target_logits = self.processed(b.logits)
+            verdict = verify(b.block_tokens, b.proposed, b.q_logits, target_logits, self.do_sample, generator)
         b.kept.copy_(verdict.accepted[0] + 1)
         b.length.add_(b.kept)
         b.anchor.copy_(verdict.next_tokens)
@@ -250,14 +265,24 @@ class StaticSpeculativeRunner:
 _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def runner_for(target, draft, needed: int, processors, do_sample: bool, use_graphs: bool, sampling_key: tuple):
+def runner_for(
+    target,
+    draft,
+    needed: int,
+    processors,
+    do_sample: bool,
+    use_graphs: bool,
+    sampling_key: tuple,
+    draft_tokens: int | None = None,
+):
     """The draft's runner if it fits this call (same target, long enough, same sampling), else a new one."""
-    runner, key = _RUNNERS.get(draft), (id(target), sampling_key, use_graphs, target.dtype, str(target.device))
+    runner = _RUNNERS.get(draft)
+    key = (id(target), sampling_key, use_graphs, draft_tokens, target.dtype, str(target.device))
     if runner is None or runner.key != key or runner.max_len < needed:
         runner = None  # free the old graphs and caches before allocating new ones
         _RUNNERS.pop(draft, None)
         max_len = bucket_length(needed)
-        runner = StaticSpeculativeRunner(target, draft, max_len, processors, do_sample, use_graphs, key)
+        runner = StaticSpeculativeRunner(target, draft, max_len, processors, do_sample, use_graphs, key, draft_tokens)
         _RUNNERS[draft] = runner
     return runner
 
@@ -274,15 +299,17 @@ def generate_static(
     use_graphs: bool,
     sampling_key: tuple,
     on_event=None,
+    draft_tokens: int | None = None,
 ) -> tuple[list[int], AcceptanceStats, dict[str, float]]:
     """One row [1, P] through the static loop; returns (generated tokens, acceptance stats, seconds per phase).
 
     `on_event(accepted, rejected, next_token, emitted, first)` is called per round (and for the prefill's token).
+    `draft_tokens` verifies fewer than the draft's N tokens per round; 0 is plain decoding (one target forward per
+    token, no draft), the baseline of the graph path itself.
     """
-    count = draft.config.num_draft_tokens
-    needed = input_ids.shape[1] + max_new_tokens + count + 1
-    runner = runner_for(target, draft, needed, processors, do_sample, use_graphs, sampling_key)
-    acceptance = AcceptanceStats(num_slots=count)
+    needed = input_ids.shape[1] + max_new_tokens + draft.config.num_draft_tokens + 1
+    runner = runner_for(target, draft, needed, processors, do_sample, use_graphs, sampling_key, draft_tokens)
+    acceptance = AcceptanceStats(num_slots=runner.count)
     seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "commit": 0.0}
 
     started = time.perf_counter()

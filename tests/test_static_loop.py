@@ -8,11 +8,11 @@ overwriting of rejected cache entries and the per-round position bookkeeping.
 import pytest
 import torch
 from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 
 import dspark.speculative as dynamic_loop
 import dspark.static_loop as static_loop
-from dspark.speculative import speculative_generate
+from dspark.speculative import sampling_processors, speculative_generate
 from dspark.static_loop import confidence_lengths
 
 
@@ -217,6 +217,38 @@ def test_sampling_draws_what_the_dynamic_loop_draws_from_the_same_seeds():
     assert outputs[0].generated == outputs[1].generated
     assert outputs[0].stats["per_row"] == outputs[1].stats["per_row"]
     assert outputs[0].stats["accepted"] > 3, "needs accepted drafts to compare rejection sampling"
+
+
+@pytest.mark.parametrize("draft_tokens", [0, 2])
+def test_fewer_drafted_tokens_and_plain_decoding_on_the_static_path(draft_tokens):
+    """draft_tokens=0 is plain decoding through the static (graph) path: one target forward per token."""
+    target = tiny_qwen3(seed=14)
+    draft = tiny_draft(target, block_size=5, markov_rank=4)
+    ids = prompt(6, seed=11)
+    expected = plain_greedy(target, ids, 12)
+    StaticOracle(draft, expected, ids.shape[1], wrong_every=100)
+    generated, acceptance, _ = static_loop.generate_static(
+        target, draft, ids, 12, False, LogitsProcessorList(), set(), None, False, ("greedy",), draft_tokens=draft_tokens
+    )
+    assert generated == expected
+    lengths = acceptance.rows[0].acceptance_lengths
+    # every round but the budget-cut last one emits all verified drafts plus the target's token
+    assert sum(lengths) == 11 and all(length == draft_tokens + 1 for length in lengths[:-1])
+    torch.manual_seed(0)
+    sampled, _, _ = static_loop.generate_static(
+        target,
+        draft,
+        ids,
+        12,
+        True,
+        sampling_processors(True, 0.8, 10, None),
+        set(),
+        None,
+        False,
+        ("t",),
+        draft_tokens=draft_tokens,
+    )
+    assert len(sampled) == 12
 
 
 @pytest.mark.parametrize("rule", ["position", "survival"])
