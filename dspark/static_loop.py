@@ -262,6 +262,7 @@ class StaticSpeculativeRunner:
         return torch.cat([verdict.accepted, verdict.next_tokens, b.proposed, b.block_tokens[0]]).tolist()
 
 
+# draft -> {setting key: runner}. Weak on the draft, so dropping the models frees caches and graphs.
 _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -274,16 +275,17 @@ def runner_for(
     use_graphs: bool,
     sampling_key: tuple,
     draft_tokens: int | None = None,
-):
-    """The draft's runner if it fits this call (same target, long enough, same sampling), else a new one."""
-    runner = _RUNNERS.get(draft)
+) -> StaticSpeculativeRunner:
+    """The runner for this setting (target, sampling, graphs, draft tokens) if its caches hold `needed` tokens, else a
+    new one in its place (a longer one: graphs are captured once per setting and cache length)."""
+    runners = _RUNNERS.setdefault(draft, {})
     key = (id(target), sampling_key, use_graphs, draft_tokens, target.dtype, str(target.device))
-    if runner is None or runner.key != key or runner.max_len < needed:
-        runner = None  # free the old graphs and caches before allocating new ones
-        _RUNNERS.pop(draft, None)
+    runner = runners.get(key)
+    if runner is None or runner.max_len < needed:
+        runners.pop(key, None)  # free the old graphs and caches before allocating new ones
         max_len = bucket_length(needed)
         runner = StaticSpeculativeRunner(target, draft, max_len, processors, do_sample, use_graphs, key, draft_tokens)
-        _RUNNERS[draft] = runner
+        runners[key] = runner
     return runner
 
 

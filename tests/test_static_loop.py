@@ -40,7 +40,8 @@ class StaticOracle:
         if produced is None:
 
             def produced():
-                return int(static_loop._RUNNERS[draft].buffers.length) - prompt_length + 1
+                runner = list(static_loop._RUNNERS[draft].values())[-1]  # the newest setting is the one running
+                return int(runner.buffers.length) - prompt_length + 1
 
         def block_logits(draft_hidden):
             self.calls += 1
@@ -140,10 +141,11 @@ def test_runner_is_reused_across_prompts_and_regrown_for_longer_ones():
         assert speculative_generate(target, draft, ids, max_new_tokens=20, static_cache=True)[
             0, ids.shape[1] :
         ].tolist() == (plain_greedy(target, ids, 20))
-    runner = static_loop._RUNNERS[draft]
+    (runner,) = static_loop._RUNNERS[draft].values()
     long_prompt = prompt(200, seed=6)
     out = speculative_generate(target, draft, long_prompt, max_new_tokens=10, static_cache=True)
-    assert static_loop._RUNNERS[draft] is not runner and static_loop._RUNNERS[draft].max_len > runner.max_len
+    (regrown,) = static_loop._RUNNERS[draft].values()
+    assert regrown is not runner and regrown.max_len > runner.max_len
     assert out[0, 200:].tolist() == plain_greedy(target, long_prompt, 10)
 
 
