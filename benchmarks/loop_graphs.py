@@ -334,6 +334,7 @@ def measure_target(name: str, args) -> dict:
         entry["graphs_captured"] = {
             "draft": runner.draft_step.graph is not None,
             "verify": runner.verify_step.graph is not None,
+            "failures": [step.failure for step in (runner.draft_step, runner.verify_step) if step.failure],
         }
         report[f"{method}_phases"] = entry
     for method, label in (("decode_graph", " (goal >= 5)"), ("loop_static", "")):

@@ -7,6 +7,7 @@ kernels of one call once and replays them with a single launch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -40,19 +41,30 @@ class GraphedStep:
     """A step run eagerly (CPU, or graphs off), or captured on its first call and replayed from then on.
 
     The first call captures and then replays, so its effect is that of exactly one call of `step`: `step` must be
-    idempotent given its input buffers (it recomputes its outputs; state advances happen outside it).
+    idempotent given its input buffers (it recomputes its outputs; state advances happen outside it). If capture
+    fails (an op that syncs with the host or is not capturable), the step warns once and stays eager: slower, still
+    exact; `failure` keeps the reason.
     """
 
-    def __init__(self, step: Callable[[], object], use_graph: bool, warmup: int = 2):
+    def __init__(self, step: Callable[[], object], use_graph: bool, warmup: int = 2, name: str = "step"):
         self.step = step
         self.use_graph = use_graph
         self.warmup = warmup
+        self.name = name
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.failure: str | None = None
 
     def __call__(self) -> None:
-        if not self.use_graph:
+        if self.use_graph and self.graph is None:
+            try:
+                self.graph, _ = capture_cuda_graph(self.step, lambda: None, self.warmup)
+            except Exception as error:  # any capture failure falls back to the exact eager step
+                self.use_graph, self.failure = False, f"{type(error).__name__}: {error}"
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # let the aborted capture's stream drain before running eagerly
+                message = f"dspark: CUDA-graph capture of the {self.name} failed, running it eagerly: {error}"
+                warnings.warn(message, stacklevel=2)
+        if self.use_graph:
+            self.graph.replay()
+        else:
             self.step()
-            return
-        if self.graph is None:
-            self.graph, _ = capture_cuda_graph(self.step, lambda: None, self.warmup)
-        self.graph.replay()

@@ -153,8 +153,10 @@ class StaticSpeculativeRunner:
             logits=torch.zeros(1, self.queries, vocab, dtype=torch.float32, device=device),
             features=torch.zeros(1, self.queries, width, dtype=target.dtype, device=device),
         )
-        self.draft_step = GraphedStep(lambda: self.draft_into_buffers(self.buffers.context), use_graphs)
-        self.verify_step = GraphedStep(self.verify_into_buffers, use_graphs)
+        self.draft_step = GraphedStep(
+            lambda: self.draft_into_buffers(self.buffers.context), use_graphs, name="draft step"
+        )
+        self.verify_step = GraphedStep(self.verify_into_buffers, use_graphs, name="verify step")
 
     # -- prefill (eager: its shape is the prompt's) ------------------------------------------------------------------
 

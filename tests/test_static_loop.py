@@ -12,6 +12,7 @@ from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 
 import dspark.speculative as dynamic_loop
 import dspark.static_loop as static_loop
+from dspark.cuda_graphs import GraphedStep
 from dspark.speculative import sampling_processors, speculative_generate
 from dspark.static_loop import confidence_lengths
 
@@ -294,3 +295,15 @@ def test_unsupported_settings_are_refused_with_the_way_out():
     sliding = Qwen3ForCausalLM(Qwen3Config(**config.to_dict())).eval()
     with pytest.raises(ValueError, match="sliding-window"):
         speculative_generate(sliding, tiny_draft(sliding), ids, max_new_tokens=4, static_cache=True)
+
+
+def test_a_step_whose_capture_fails_warns_once_and_runs_eagerly():
+    # On a machine without CUDA the capture itself fails, which exercises the same fallback as an uncapturable op.
+    if torch.cuda.is_available():
+        pytest.skip("needs a capture failure; on CUDA this step would be captured")
+    calls = []
+    step = GraphedStep(lambda: calls.append(1), use_graph=True, name="test step")
+    with pytest.warns(UserWarning, match="capture of the test step failed"):
+        step()
+    step()
+    assert len(calls) == 2 and step.graph is None and step.failure
