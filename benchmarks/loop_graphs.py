@@ -299,7 +299,9 @@ def measure_target(name: str, args) -> dict:
     all_runs = methods(target, draft, stop_ids, max_new_tokens, use_graphs)
     runs = {method: all_runs[method] for method in args.methods}
     print(f"{name}: warm-up (graph capture)", flush=True)
-    warm_seconds, errors, _ = warm_up(runs, prompts[0], device, stop_ids)
+    # the longest prompt sizes the static caches for all prompts: one graph capture per method, before any timing
+    longest = max(prompts, key=lambda ids: ids.shape[1])
+    warm_seconds, errors, _ = warm_up(runs, longest, device, stop_ids)
     samples, outputs = abba(runs, prompts, args.repeats, device, stop_ids)
     report = {
         "settings": {
