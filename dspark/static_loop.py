@@ -217,7 +217,9 @@ class StaticSpeculativeRunner:
         b.block_tokens.copy_(block.tokens)
         b.q_logits.copy_(block.q_logits)
         lengths = confidence_lengths(block.confidence, self.count, draft.config)
-        if lengths is not None:
+        if lengths is None:
+            b.proposed.fill_(self.count)
+        else:
             b.proposed.copy_(lengths)
 
     def verify_into_buffers(self) -> None:
