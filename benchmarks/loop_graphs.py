@@ -241,6 +241,7 @@ def runner_of(draft, draft_tokens: int | None, use_graphs: bool):
     return None
 
 
+@torch.no_grad()
 def phases(runner, ids: torch.Tensor, device: torch.device, repeats: int) -> dict:
     """Time the warm runner's steps in place: draft and verify are idempotent replays; accept advances the state, so
     its inputs are restored before every call. The state is first reset to the prompt (a safe cache position)."""

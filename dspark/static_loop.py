@@ -293,6 +293,7 @@ def runner_for(
     return runner
 
 
+@torch.no_grad()
 def generate_static(
     target,
     draft: DSparkDraftModel,

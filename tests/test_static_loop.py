@@ -237,6 +237,9 @@ def test_fewer_drafted_tokens_and_plain_decoding_on_the_static_path(draft_tokens
     lengths = acceptance.rows[0].acceptance_lengths
     # every round but the budget-cut last one emits all verified drafts plus the target's token
     assert sum(lengths) == 11 and all(length == draft_tokens + 1 for length in lengths[:-1])
+    # called directly (not through speculative_generate): no autograd state may leak into the captured buffers
+    (runner,) = static_loop._RUNNERS[draft].values()
+    assert not any(buffer.requires_grad for buffer in vars(runner.buffers).values())
     torch.manual_seed(0)
     sampled, _, _ = static_loop.generate_static(
         target,
