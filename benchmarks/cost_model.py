@@ -43,7 +43,7 @@ from transformers.cache_utils import DynamicCache, StaticCache
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dspark import DSparkDraftModel  # noqa: E402
+from dspark import DSparkDraftModel, cuda_graphs  # noqa: E402
 from dspark.modeling_dspark import (  # noqa: E402
     ProcessorTokenChooser,
     cache_keyword,
@@ -51,6 +51,12 @@ from dspark.modeling_dspark import (  # noqa: E402
     spread_layer_ids,
 )
 from dspark.provenance import run_provenance  # noqa: E402
+from dspark.static_cache import (  # noqa: E402
+    StaticDraftCache,
+    bucket_length,
+    causal_key_mask,
+    set_static_cache_position,
+)
 from dspark.verify import verify  # noqa: E402
 
 MODES = ("eager", "static", "graph")
@@ -303,7 +309,7 @@ def build_draft_layer_ids(target) -> list[int]:
 
 def padded_length(length: int) -> int:
     """Cache lengths rounded up to 16 entries: memory-efficient SDPA wants mask rows aligned, else it pads a copy."""
-    return -(-length // 16) * 16
+    return bucket_length(length, 16)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,51 +324,10 @@ def rewind_dynamic(cache: DynamicCache, length: int) -> None:
         cache.crop(-extra)
 
 
-def rewind_static(cache: StaticCache, length: int) -> None:
-    """Move every layer's write position back to `length`; the stale entries behind it are masked, then overwritten.
-
-    The position is a device tensor that the layer advances in place, so this also works between graph replays.
-    """
-    for layer in cache.layers:
-        layer.cumulative_length.fill_(length)
-
-
-def static_causal_mask(start: int, length: int, max_len: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, length, max_len] bool: query i (at position start + i) sees cache entries 0 .. start + i."""
-    keys = torch.arange(max_len, device=device)[None]
-    queries = torch.arange(start, start + length, device=device)[:, None]
-    return (keys <= queries)[None, None]
-
-
 def visible_keys(count: int, queries: int, max_len: int, device: torch.device) -> torch.Tensor:
     """[1, 1, queries, max_len] bool: every block query sees the first `count` draft cache entries (the block attends
     bidirectionally, the context strictly precedes it). Materialised, not broadcast, for the SDPA kernels."""
     return (torch.arange(max_len, device=device) < count).expand(1, 1, queries, max_len).contiguous()
-
-
-class StaticDraftCache:
-    """Draft KV buffers at fixed addresses, for graph capture of the draft step.
-
-    `update` (called by each DSparkAttention layer) writes the new context + block entries from `position` on and
-    returns the whole buffers; a 4-D mask hides the unwritten tail. The host moves `position` between rounds (a loop
-    keeps the new context and drops the block, as `DynamicCache.crop(-block)` does in the eager loop).
-    """
-
-    def __init__(self, config, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (1, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.position = torch.zeros((), dtype=torch.long, device=device)
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """key, value: [1, kv_heads, n, head_dim] -> the layer's full buffers [1, kv_heads, max_len, head_dim]."""
-        index = self.position + torch.arange(key.shape[2], device=key.device)
-        self.keys[layer_idx].index_copy_(2, index, key)
-        self.values[layer_idx].index_copy_(2, index, value)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def get_seq_length(self) -> int:
-        return int(self.position)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,7 +369,7 @@ def prefill_target(target, prompt: torch.Tensor, max_len: int, layer_ids: list[i
         output_hidden_states=True,
     )
     static = StaticCache(config=target.config, max_cache_len=max_len)
-    mask = static_causal_mask(0, length, max_len, prompt.device)
+    mask = causal_key_mask(0, length, max_len, prompt.device)
     target(input_ids=prompt, position_ids=positions, attention_mask={"full_attention": mask}, **{keyword: static})
     features = extract_target_features(out.hidden_states, layer_ids)
     return TargetContext(prompt, dynamic, static, max_len, features)
@@ -420,7 +385,7 @@ def target_steps(target, context: TargetContext, tokens: torch.Tensor, layer_ids
     keyword = cache_keyword(target)
     positions = torch.arange(start, start + length, device=tokens.device)[None]
     key_mask = torch.ones(1, start + length, dtype=torch.long, device=tokens.device)
-    mask = {"full_attention": static_causal_mask(start, length, context.max_len, tokens.device)}
+    mask = {"full_attention": causal_key_mask(start, length, context.max_len, tokens.device)}
     want_features = layer_ids is not None
 
     def forward(cache, attention_mask) -> torch.Tensor:
@@ -438,7 +403,7 @@ def target_steps(target, context: TargetContext, tokens: torch.Tensor, layer_ids
 
     return {
         "eager": Step(lambda: forward(context.dynamic, key_mask), lambda: rewind_dynamic(context.dynamic, start)),
-        "static": Step(lambda: forward(context.static, mask), lambda: rewind_static(context.static, start)),
+        "static": Step(lambda: forward(context.static, mask), lambda: set_static_cache_position(context.static, start)),
     }
 
 
@@ -521,18 +486,9 @@ def accept_step(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> Step
 
 
 def capture_cuda_graph(step: Step, warmup: int) -> Callable[[], torch.Tensor]:
-    """Manual capture: warm up on a side stream (lazy allocations, kernel selection), then record one call."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(max(warmup, 2)):
-            step.reset()
-            step.run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    step.reset()  # the recorded kernels read the cache position from device memory at replay time
-    with torch.cuda.graph(graph):
-        output = step.run()
+    """Manual capture (`dspark.cuda_graphs`); each replay rewrites the output tensor recorded at capture."""
+    graph, output = cuda_graphs.capture_cuda_graph(step.run, step.reset, max(warmup, 2))
+    # the recorded kernels read the cache position from device memory at replay time, so `reset` still works
 
     def replay() -> torch.Tensor:
         graph.replay()

@@ -310,6 +310,8 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     return_stats: bool = False,
     on_round: RoundCallback | None = None,
+    static_cache: bool = False,
+    cuda_graphs: bool | None = None,
 ) -> torch.Tensor | SpeculativeOutput:
     """Generate with `draft` proposing and `target` verifying; greedy output equals the target's own, sampling is exact.
 
@@ -317,6 +319,11 @@ def speculative_generate(
     (prompt as given, then each row's tokens, right-padded with `pad_token_id`), or a `SpeculativeOutput` with
     per-row acceptance statistics and wall times when `return_stats=True`. `on_round`, if given, receives a
     `RoundEvent` per row and round as soon as the round is verified (streaming, visualisation).
+
+    static_cache=True: the fast path of `dspark.static_loop` (batch 1, attention-only targets with sdpa or eager
+    attention): preallocated caches and fixed shapes every round. cuda_graphs (default: on for CUDA targets when
+    static_cache=True) captures its draft and verify steps as CUDA graphs; it needs static_cache=True and CUDA.
+    Unsupported settings raise a ValueError that names the way out.
     """
     if draft.target is not target:
         draft.bind_target(target, allow_stateful=True)
@@ -342,7 +349,19 @@ def speculative_generate(
         generator=generator,
     )
     attention_mask = attention_mask.long()
-    if target_is_stateful(target):
+    use_graphs = resolve_cuda_graphs(target, static_cache, cuda_graphs)
+    if static_cache:
+        from .static_loop import check_static_support  # static_loop imports RoundEvent from this module
+
+        check_static_support(target, input_ids)
+        prompt = input_ids[:, attention_mask[0].bool()]  # batch 1: the left padding is simply dropped
+        sampling_key = (do_sample, temperature, top_k, top_p)
+        runs = [
+            _generate_static(
+                target, draft, prompt, **settings, use_graphs=use_graphs, key=sampling_key, on_round=on_round
+            )
+        ]
+    elif target_is_stateful(target):
         # Recurrent state is rewound per row (kept lengths differ), so hybrid rows run one at a time.
         rows = [input_ids[row : row + 1, attention_mask[row].bool()] for row in range(input_ids.shape[0])]
         runs = [
@@ -358,6 +377,34 @@ def speculative_generate(
     stats = AcceptanceStats.concatenate([run.acceptance for run in runs]).summary()
     seconds = {phase: sum(run.seconds[phase] for run in runs) for phase in runs[0].seconds}
     return SpeculativeOutput(sequences, generated, {**stats, "seconds": seconds})
+
+
+def resolve_cuda_graphs(target, static_cache: bool, cuda_graphs: bool | None) -> bool:
+    """Whether to capture CUDA graphs: by default whenever the static path runs on CUDA."""
+    on_cuda = target.device.type == "cuda"
+    if cuda_graphs is None:
+        return static_cache and on_cuda
+    if cuda_graphs and not static_cache:
+        raise ValueError("dspark: cuda_graphs=True needs static_cache=True (graphs replay fixed shapes and buffers)")
+    if cuda_graphs and not on_cuda:
+        raise ValueError(f"dspark: cuda_graphs=True needs a CUDA target (the target is on {target.device})")
+    return cuda_graphs
+
+
+def _generate_static(
+    target, draft, input_ids, max_new_tokens, do_sample, processors, stop_ids, generator, use_graphs, key, on_round
+):
+    """One row through `dspark.static_loop`, reported like `_generate`."""
+    from .static_loop import generate_static
+
+    def on_event(accepted, rejected, next_token, emitted, first):
+        if on_round is not None:
+            on_round(RoundEvent(0, accepted, rejected, next_token, emitted, first=first))
+
+    generated, acceptance, seconds = generate_static(
+        target, draft, input_ids, max_new_tokens, do_sample, processors, stop_ids, generator, use_graphs, key, on_event
+    )
+    return RunResult([generated], acceptance, seconds)
 
 
 def _renumber(on_round: RoundCallback | None, row: int) -> RoundCallback | None:

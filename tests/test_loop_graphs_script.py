@@ -1,0 +1,45 @@
+"""Smoke test of benchmarks/loop_graphs.py: the tiny random target on CPU runs every method and writes the report.
+
+No speed is asserted (CPU timings of a tiny model say nothing about the GPU); the checks are that every method ran,
+that all of them emitted plain greedy's tokens (float32), and that the report has what the GPU run must fill in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_graphs.py"
+
+
+def test_tiny_run_writes_a_complete_report(tmp_path):
+    spec = importlib.util.spec_from_file_location("loop_graphs", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        module.main(
+            ["--targets", "tiny", "--device", "cpu", "--out", str(tmp_path), "--prompts", "2", "--repeats", "1",
+             "--random-max-new-tokens", "6", "--random-prompt-length", "8", "--phase-repeats", "2"]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "loop_graphs.json").read_text())
+    assert report["provenance"]["device"].startswith("CPU") and "torch" in report["provenance"]["packages"]
+    tiny = report["targets"]["tiny"]
+    assert tiny["errors"] == {}
+    assert set(tiny["methods"]) == set(module.METHODS)
+    assert all(len(entry["samples"]) == 2 for entry in tiny["methods"].values())
+    assert all(all(values) for values in tiny["checks"].values()), tiny["checks"]
+    assert "graph_equals_eager_static" in tiny["checks"]
+    assert tiny["methods"]["loop_static"]["speedup_vs_hf_generate"]["median"] > 0
+    phases = tiny["loop_static_phases"]
+    assert set(phases["phases_ms"]) == {"draft", "verify", "accept"}
+    assert phases["round"]["rounds"] >= 1 and phases["graphs_captured"]["draft"] is False  # no CUDA here
+    assert set(tiny["decode_graph_phases"]["phases_ms"]) == {"verify", "accept"}
