@@ -25,6 +25,7 @@ from .bootstrap import percentile_interval, resample_indices
 from .progress import progress_bar
 
 BATCH_ONE_ONLY_NOTE = "transformers' assisted generation (draft, DFlash, prompt lookup) supports batch size 1 only"
+STATIC_LOOP_NOTE = "the fixed-shape path of dspark's loop (static_cache=True) supports batch size 1 only"
 
 
 @dataclass
@@ -61,6 +62,7 @@ class GenerationMethod:
     name: str
     run: Callable[[Workload], GenerationRun]
     batch_one_only: bool = False
+    batch_one_reason: str = BATCH_ONE_ONLY_NOTE
 
 
 @dataclass
@@ -179,7 +181,7 @@ def run_abba(
 
 def skipped_methods(methods: list[GenerationMethod], batch_size: int) -> dict[str, str]:
     """Methods that are not run at `batch_size`, with the reason."""
-    return {m.name: BATCH_ONE_ONLY_NOTE for m in methods if m.batch_one_only and batch_size > 1}
+    return {m.name: m.batch_one_reason for m in methods if m.batch_one_only and batch_size > 1}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ def useful_tokens(new_tokens: torch.Tensor, stop_ids: set[int]) -> list[list[int
     return [cut_at_stop(row, stop_ids) for row in new_tokens.tolist()]
 
 
-METHOD_NAMES = ("plain", "assisted", "loop", "lookup", "dflash")
+METHOD_NAMES = ("plain", "assisted", "loop", "loop_static", "lookup", "dflash")
 
 
 def generation_methods(
@@ -324,14 +326,15 @@ def generation_methods(
     lookup_tokens: int = 10,
 ) -> list[GenerationMethod]:
     """Greedy generation methods by name: `plain` target.generate; `assisted` target.generate(assistant_model=draft)
-    (the draft's Markov head); `loop` dspark's own loop; `lookup` prompt lookup decoding; `dflash`
+    (the draft's Markov head); `loop` dspark's own loop; `loop_static` the same loop on its fixed-shape path
+    (static caches, CUDA graphs on a GPU; batch 1); `lookup` prompt lookup decoding; `dflash`
     target.generate(assistant_model=draft, speculation_type="dflash")."""
     from ..speculative import speculative_generate
 
     unknown = [name for name in names if name not in METHOD_NAMES]
     if unknown:
         raise ValueError(f"dspark bench: unknown methods {unknown}; choose from {', '.join(METHOD_NAMES)}.")
-    needs_draft = [name for name in names if name in ("assisted", "loop", "dflash")]
+    needs_draft = [name for name in names if name in ("assisted", "loop", "loop_static", "dflash")]
     if needs_draft and draft is None:
         raise ValueError(f"dspark bench: {', '.join(needs_draft)} need a draft (--draft).")
     common = {
@@ -350,25 +353,32 @@ def generation_methods(
 
         return run
 
-    def own_loop(workload: Workload) -> GenerationRun:
-        out = speculative_generate(
-            target,
-            draft,
-            workload.input_ids,
-            workload.attention_mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(stop_ids),
-            pad_token_id=pad_token_id,
-            return_stats=True,
-        )
-        outputs = [cut_at_stop(row, stop_ids) for row in out.generated]
-        lengths = [n for row in out.stats["per_row"] for n in row["acceptance_lengths"]]
-        return GenerationRun(outputs, {"rounds": len(lengths), "emitted_in_rounds": sum(lengths)})
+    def own_loop(static_cache: bool) -> Callable[[Workload], GenerationRun]:
+        def run(workload: Workload) -> GenerationRun:
+            out = speculative_generate(
+                target,
+                draft,
+                workload.input_ids,
+                workload.attention_mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=sorted(stop_ids),
+                pad_token_id=pad_token_id,
+                return_stats=True,
+                static_cache=static_cache,
+            )
+            outputs = [cut_at_stop(row, stop_ids) for row in out.generated]
+            lengths = [n for row in out.stats["per_row"] for n in row["acceptance_lengths"]]
+            return GenerationRun(outputs, {"rounds": len(lengths), "emitted_in_rounds": sum(lengths)})
+
+        return run
 
     builders = {
         "plain": lambda: GenerationMethod("plain", through_generate()),
         "assisted": lambda: GenerationMethod("assisted", through_generate(assistant_model=draft), batch_one_only=True),
-        "loop": lambda: GenerationMethod("loop", own_loop),
+        "loop": lambda: GenerationMethod("loop", own_loop(static_cache=False)),
+        "loop_static": lambda: GenerationMethod(
+            "loop_static", own_loop(static_cache=True), batch_one_only=True, batch_one_reason=STATIC_LOOP_NOTE
+        ),
         "lookup": lambda: GenerationMethod(
             "lookup", through_generate(prompt_lookup_num_tokens=lookup_tokens), batch_one_only=True
         ),

@@ -32,6 +32,7 @@ METHOD_LABELS = {
     "plain": "plain `generate` (baseline)",
     "assisted": "`generate(assistant_model=draft)`",
     "loop": "`dspark.speculative_generate`",
+    "loop_static": "`dspark.speculative_generate(static_cache=True)`",
     "lookup": "prompt lookup (no draft, reference)",
     "dflash": '`generate(..., speculation_type="dflash")`',
     "no_spec": "server without speculation (baseline)",
