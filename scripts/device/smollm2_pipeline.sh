@@ -119,7 +119,7 @@ case "$1" in
       --max-new-tokens 256 --temperature 0 1 --max-draft-tokens all --cache-dir /tmp/dspark_cont \
       --out /tmp/dspark_eval "${common[@]}" || echo "eval failed or timed out" >&2
     # about 3 minutes on an H200: 6 prompts x 4 methods x 2 ABBA rounds at batch 1, one batch of 16
-    timeout 320 python3 -m dspark.cli bench --draft "$RUNS/dspark-b8/final" --methods plain,assisted,loop,lookup \
+    timeout 320 python3 -m dspark.cli bench --draft "$RUNS/dspark-b8/final" --methods plain,assisted,loop,loop_static,lookup \
       --batch-sizes 1 16 --rounds 2 --limit 2 --max-new-tokens 64 --out /tmp/dspark_bench "${common[@]}" \
       || echo "bench failed or timed out" >&2
     if [ -f benchmarks/cost_model.py ]; then
