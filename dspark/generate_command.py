@@ -34,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true", help="no chat template: continue the text as given")
     parser.add_argument(
         "--method",
-        choices=["loop", "assisted"],
+        choices=["loop", "loop_static", "assisted"],
         default="loop",
-        help="loop: dspark's own loop (any target); assisted: target.generate(assistant_model=draft)",
+        help="loop: dspark's own loop (any target); loop_static: its fixed-shape path (static caches, CUDA graphs on "
+        "a GPU; attention-only targets); assisted: target.generate(assistant_model=draft)",
     )
     parser.add_argument("--no-compare", action="store_true", help="skip the plain-decoding comparison")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON at the end")
@@ -89,7 +90,7 @@ def run_speculative(args, target, tokenizer, draft, ids, stream: TextStream) -> 
     torch.manual_seed(args.seed)
     synchronize(target.device)
     started = time.perf_counter()
-    if args.method == "loop":
+    if args.method in ("loop", "loop_static"):
         from .speculative import speculative_generate
 
         out = speculative_generate(
@@ -100,6 +101,7 @@ def run_speculative(args, target, tokenizer, draft, ids, stream: TextStream) -> 
             eos_token_id=eos,
             return_stats=True,
             on_round=lambda event: stream.add(event.emitted),
+            static_cache=args.method == "loop_static",
             **sampling_arguments(args),
         )
         synchronize(target.device)
@@ -165,11 +167,15 @@ def run_plain(args, target, ids) -> tuple[list[int], float]:
     return sequences[0, ids.shape[1] :].tolist(), time.perf_counter() - started
 
 
-def warm_up(target, draft, ids) -> None:
-    """One short pass of each path, so that one-off costs (allocations, kernel choice) do not skew the comparison."""
+def warm_up(target, draft, ids, method: str, max_new_tokens: int) -> None:
+    """One pass of each path, so that one-off costs (allocations, kernel choice) do not skew the comparison.
+
+    The fixed-shape path warms up at the run's own length: its caches and CUDA graphs are sized by it, and a server
+    would have paid for them once, before the first request."""
     from .speculative import speculative_generate
 
-    speculative_generate(target, draft, ids, max_new_tokens=4)
+    static = method == "loop_static"
+    speculative_generate(target, draft, ids, max_new_tokens=max_new_tokens if static else 4, static_cache=static)
     target.generate(ids, max_new_tokens=4, do_sample=False)
 
 
@@ -180,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading target={args.target} draft={args.draft} on {device} ...", file=sys.stderr)
     target, tokenizer, draft = pair.load_pair(args.target, args.draft, device=device, dtype=args.dtype)
     ids = prompt_ids(tokenizer, args.prompt, args.raw, device)
-    warm_up(target, draft, ids)
+    warm_up(target, draft, ids, args.method, args.max_new_tokens)
 
     stream = TextStream(tokenizer)
     tokens, stats = run_speculative(args, target, tokenizer, draft, ids, stream)

@@ -119,10 +119,11 @@ def test_the_shipped_draft_loads_through_automodel_offline_without_the_package(t
 
 
 @needs_smollm2
-def test_dspark_generate_with_defaults_runs_end_to_end_offline(tmp_path):
+@pytest.mark.parametrize("method", [[], ["--method", "loop_static"]], ids=["defaults", "loop_static"])
+def test_dspark_generate_with_defaults_runs_end_to_end_offline(tmp_path, method):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TRANSFORMERS_VERBOSITY="error")
     completed = subprocess.run(
-        [sys.executable, "-m", "dspark.cli", "generate", "What is 2 + 2?", "--max-new-tokens", "8", "--json"],
+        [sys.executable, "-m", "dspark.cli", "generate", "What is 2 + 2?", "--max-new-tokens", "8", "--json", *method],
         cwd=tmp_path,
         env=env,
         capture_output=True,
