@@ -335,7 +335,7 @@ def measure_target(name: str, args) -> dict:
                 goals["verify_vs_roofline"] = verify_ms / entry["verify_roofline"]["roofline_ms"]
             goals["round_overhead_fraction (goal < 0.10)"] = entry["round_overhead_fraction"]
         entry["graphs_captured"] = {
-            "draft": runner.draft_step.graph is not None,
+            "draft": runner.draft_step.graph is not None if runner.count > 0 else "no draft step (plain decoding)",
             "verify": runner.verify_step.graph is not None,
             "failures": [step.failure for step in (runner.draft_step, runner.verify_step) if step.failure],
         }

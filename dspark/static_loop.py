@@ -153,8 +153,9 @@ class StaticSpeculativeRunner:
             logits=torch.zeros(1, self.queries, vocab, dtype=torch.float32, device=device),
             features=torch.zeros(1, self.queries, width, dtype=target.dtype, device=device),
         )
+        # plain decoding (count 0) drafts nothing: a graph of it would be empty, which CUDA warns about
         self.draft_step = GraphedStep(
-            lambda: self.draft_into_buffers(self.buffers.context), use_graphs, name="draft step"
+            lambda: self.draft_into_buffers(self.buffers.context), use_graphs and self.count > 0, name="draft step"
         )
         self.verify_step = GraphedStep(self.verify_into_buffers, use_graphs, name="verify step")
 
