@@ -73,6 +73,7 @@ RoundCallback = Callable[[RoundEvent], None]
 @dataclass
 class LoopState:
     target_cache: DynamicCache
+    cache_keyword: str  # the keyword the target's forward takes `target_cache` under (transformers-version dependent)
     draft_cache: DynamicCache
     target_keys: torch.Tensor  # [B, target cache length] 1 where the entry is part of the row's sequence
     draft_keys: torch.Tensor  # [B, draft cache length] same for the draft's context entries
@@ -111,17 +112,19 @@ def prefill(target, draft, input_ids, attention_mask, processors, do_sample) -> 
     """Run the target on the prompts, emit each row's first token, keep the prompt features for the draft."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=target.config)  # the config adds the linear-attention layers of hybrid targets
+    keyword = cache_keyword(target)
     out = target(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions,
-        **{cache_keyword(target): cache},
+        **{keyword: cache},
         use_cache=True,
         output_hidden_states=True,
     )
     first = choose_tokens(out.logits[:, -1], processors, do_sample)
     return LoopState(
         target_cache=cache,
+        cache_keyword=keyword,
         draft_cache=DynamicCache(),
         target_keys=attention_mask,
         draft_keys=attention_mask.new_zeros(attention_mask.shape[0], 0),
@@ -165,7 +168,7 @@ def verify_round(target, draft, state: LoopState, block, processors, do_sample, 
         input_ids=tokens,
         attention_mask=torch.cat([state.target_keys, block_keys], dim=1),
         position_ids=state.anchor_position[:, None] + offsets,
-        **{cache_keyword(target): state.target_cache},
+        **{state.cache_keyword: state.target_cache},
         use_cache=True,
         output_hidden_states=True,
     )
@@ -216,7 +219,7 @@ def rewind_and_replay(target, state: LoopState, snapshot: RecurrentStateSnapshot
         input_ids=tokens[:, :keep],
         attention_mask=state.target_keys,
         position_ids=state.anchor_position[:, None] + torch.arange(keep, device=tokens.device),
-        **{cache_keyword(target): state.target_cache},
+        **{state.cache_keyword: state.target_cache},
         use_cache=True,
         logits_to_keep=1,
     )
