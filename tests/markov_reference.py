@@ -1,8 +1,8 @@
-"""The DSpark Markov sampling step as one pure-torch definition: base logits in, drafted tokens and their exact q out.
+"""The DSpark Markov sampling step written out as a test oracle: base logits in, drafted tokens and their exact q out.
 
-This is the package's reference for what a DSpark draft proposes once its backbone has produced the block's base
-logits. Serving stacks carry their own copies (the patched vLLM files cannot import `dspark`); the tests hold those
-copies, and `DSparkDraftModel.draft_block`, to this definition.
+The package runs one implementation, `DSparkDraftModel.draft_block`; the patched vLLM files carry their own copy
+(they cannot import `dspark`) with options HF has no use for (top-N, per-request temperatures). This plain statement
+of the math lets tests/test_vllm_patches.py hold both to the same definition.
 
 One block, left to right (k = 0 .. K-1, x_{-1} = the anchor, i.e. the bonus token the target just emitted):
 

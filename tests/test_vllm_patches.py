@@ -22,12 +22,12 @@ import types
 import zipfile
 from pathlib import Path
 
+import markov_reference as markov
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper
 
-from dspark import markov
 from dspark.cli import main
 from dspark.configuration_dspark import DSparkConfig
 from dspark.modeling_dspark import DSparkDraftModel, ProcessorTokenChooser
@@ -260,7 +260,7 @@ def test_a_folder_without_vllm_is_refused(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The Markov math: reference (dspark.markov) == HF draft_block == the patched vLLM copy
+# The Markov math: reference (tests/markov_reference.py) == HF draft_block == the patched vLLM copy
 # ----------------------------------------------------------------------------------------------------------------
 
 
