@@ -66,15 +66,18 @@ def download_wheels(folder: Path, extra: list[str]) -> None:
 
 
 def working_tree_bytes() -> int:
-    """Bytes of what travels with every device call besides `carry`: tracked and untracked-not-ignored files."""
+    """Bytes of what every device call carries anyway: tracked and untracked-not-ignored files (+ shared/)."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
         capture_output=True,
         check=True,
     ).stdout
-    paths = [REPO / name for name in listed.decode().split("\0") if name]
-    return sum(path.stat().st_size for path in paths if path.is_file())
+    files = [REPO / name for name in listed.decode().split("\0") if name]
+    shared = REPO / "shared"
+    if shared.is_dir():
+        files += [path for path in shared.rglob("*") if path.is_file()]
+    return sum(path.stat().st_size for path in files if path.is_file())
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stage_smollm2 import sha256  # noqa: E402
+from stage_smollm2 import sha256, working_tree_bytes  # noqa: E402
 from vllm_imports import serve_imports  # noqa: E402
 
 from dspark.targets import SMOLLM2_GGUF_NAME, smollm2_gguf_path  # noqa: E402
@@ -301,18 +301,6 @@ def slim_wheel(source: Path, destination: Path) -> list[tuple[str, int]]:
 # ----------------------------------------------------------------------------------------------------------------
 # Packing and the device calls
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def working_tree_bytes() -> int:
-    """Bytes of what every device call carries anyway: tracked and untracked-not-ignored files (+ shared/)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, check=True
-    ).stdout
-    files = [REPO / name for name in listed.decode().split("\0") if name]
-    shared = REPO / "shared"
-    if shared.is_dir():
-        files += [path for path in shared.rglob("*") if path.is_file()]
-    return sum(path.stat().st_size for path in files if path.is_file())
 
 
 def pack(payload: Path, tar_path: Path) -> None:
