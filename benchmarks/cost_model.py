@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dspark import DSparkDraftModel, cuda_graphs  # noqa: E402
+from dspark.evaluation.bench import synchronize  # noqa: E402
 from dspark.modeling_dspark import (  # noqa: E402
     ProcessorTokenChooser,
     cache_keyword,
@@ -162,11 +163,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_calls(

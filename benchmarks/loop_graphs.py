@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import cost_model  # noqa: E402
 
 from dspark import pair, static_loop  # noqa: E402
+from dspark.evaluation.bench import synchronize  # noqa: E402
 from dspark.evaluation.prompt_sets import BUILTIN_PROMPT_SETS, load_prompt_set  # noqa: E402
 from dspark.provenance import run_provenance  # noqa: E402
 from dspark.speculative import speculative_generate  # noqa: E402
@@ -152,11 +153,6 @@ def until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
         if token in stop_ids:
             return tokens[: index + 1]
     return tokens
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(run: Callable, ids: torch.Tensor, device: torch.device) -> tuple[list[int], float]:

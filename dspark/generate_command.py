@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import pair
+from .evaluation.bench import synchronize
 
 COMMAND = "generate"
 HELP = "generate with the draft (streamed) and report acceptance length, tokens/s and speedup vs plain decoding"
@@ -71,11 +72,6 @@ class TextStream:
         self.out.write(text[len(self.printed) :])
         self.out.flush()
         self.printed = text
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def sampling_arguments(args: argparse.Namespace) -> dict:
