@@ -49,6 +49,10 @@ PROMPTS = [
 SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
 TARGETS = {"bf16": Path("/tmp/smollm2-bf16"), "nvfp4": Path("/tmp/smollm2-nvfp4")}
 BENCH_CONCURRENCY = ("1", "8")
+# Both servers on vLLM's V1 model runner: 0.23 runs DFlash drafts only there, and its V2 runner would give the
+# target-alone server a different engine. FlashInfer is not carried (scripts/device/stage_vllm.py), so sampling
+# uses vLLM's own top-k/top-p kernels; without the variable the V2 runner's sampler imports FlashInfer and fails.
+SERVER_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
 
 
 class StepFailed(RuntimeError):
@@ -102,7 +106,9 @@ class Server:
             command += ["--speculative-config", json.dumps(speculative)]
         self.url = f"http://127.0.0.1:{port}"
         self.log = log.open("w")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **SERVER_ENV}
+        )
 
     def __enter__(self) -> Server:
         try:
