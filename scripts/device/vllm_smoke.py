@@ -101,7 +101,10 @@ class Server:
 
     def __init__(self, model: Path, port: int, log: Path, speculative: dict | None):
         command = [shutil.which("vllm") or "vllm", "serve", str(model), "--port", str(port)]
-        command += ["--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--enforce-eager"]
+        # A fixed KV-cache size: with two servers starting side by side, vLLM's memory profiling would count the
+        # other server's KV-cache allocation as its own and find no memory left ("No available memory for the cache
+        # blocks", seen on the NVFP4 pair).
+        command += ["--max-model-len", "2048", "--kv-cache-memory-bytes", str(4 * 2**30), "--enforce-eager"]
         if speculative is not None:
             command += ["--speculative-config", json.dumps(speculative)]
         self.url = f"http://127.0.0.1:{port}"
