@@ -78,6 +78,7 @@ IMPORT_TO_DISTRIBUTION = {
     "cpuinfo": "py-cpuinfo",
     "cv2": "opencv-python-headless",
     "google": "protobuf",
+    "humming": "humming-kernels",
     "pythonjsonlogger": "python-json-logger",
     "yaml": "pyyaml",
     "zmq": "pyzmq",
@@ -89,7 +90,6 @@ GPU_KERNEL_PACKAGES = {
     "fastsafetensors",
     "flashinfer-cubin",
     "flashinfer-python",
-    "humming-kernels",
     "nvidia-cudnn-frontend",
     "nvidia-cutlass-dsl",
     "quack-kernels",
@@ -98,9 +98,12 @@ GPU_KERNEL_PACKAGES = {
 }
 # vLLM requirements imported only by features this job does not use.
 FEATURE_ONLY_PACKAGES = {
-    "compressed-tensors": "only for compressed-tensors quantised checkpoints",
     "mcp": "only for the MCP tool server (--tool-server)",
 }
+# Imported on start-up by a carried package, through an extra that carrying "what is imported" would drop:
+# mistral_common imports pydantic_extra_types.language_code, which needs pycountry (its [pycountry] extra), and
+# transformers imports mistral_common whenever it is installed (seen on the GPU: `dspark vllm export-target` failed).
+IMPORTED_BY_DEPENDENCIES = {"pycountry": "pydantic_extra_types.language_code, imported by mistral_common"}
 # Members of the vLLM wheel this job cannot load (see the module docstring), dropped by --slim.
 SLIM_DROPS = (
     re.compile(r"^vllm/vllm_flash_attn/_vllm_fa2_C\.abi3\.so$"),  # FA2; on Hopper FLASH_ATTN picks FA3
@@ -159,6 +162,7 @@ class Downloader:
     pip: list[str]
     uploaded_prior_to: str | None
     late: list[str] = field(default_factory=list)  # requirements no wheel before the cut-off satisfied
+    outside_pin: list[str] = field(default_factory=list)  # requirements no wheel on the index satisfied
 
     def check(self) -> None:
         if self.uploaded_prior_to is None:
@@ -183,7 +187,13 @@ def pip_download(requirement: str, folder: Path, downloader: Downloader) -> Path
     elif subprocess.run([*command, "--uploaded-prior-to", downloader.uploaded_prior_to]).returncode:
         # A dependency whose matching wheels were uploaded after the cut-off: take the oldest that fits instead.
         downloader.late.append(requirement)
-        subprocess.run(command, check=True)
+        if subprocess.run(command).returncode:
+            # No wheel satisfies the pin on this index at all (a mirror may lack a release): take the newest wheel
+            # of the package and say so. Seen with llguidance, which vLLM pins to 1.7.x but only reads attribute
+            # names from on start-up.
+            name = Requirement(requirement).name
+            downloader.outside_pin.append(requirement)
+            subprocess.run([*command[:-1], name], check=True)
     name = canonicalize_name(Requirement(requirement).name)
     matches = [path for path in folder.glob("*.whl") if canonicalize_name(path.name.split("-")[0]) == name]
     new = [path for path in matches if path not in before]
@@ -270,10 +280,13 @@ def select_wheels(folder: Path, image: set[str], vllm_wheel: Path, download_whee
     drain()
     for name in undeclared:
         want(Requirement(name), "imported at start-up, not declared by vLLM")
+    for name, reason in IMPORTED_BY_DEPENDENCIES.items():
+        want(Requirement(name), f"imported at start-up by {reason}")
     drain()
     # A constraint that arrived after its package was downloaded: fetch a version that satisfies all of them.
+    outside_pin = {canonicalize_name(Requirement(r).name) for r in download_wheel.outside_pin}
     for name, wheel in list(selection.wheels.items()):
-        if not wanted[name].contains(wheel_version(wheel), prereleases=True):
+        if name not in outside_pin and not wanted[name].contains(wheel_version(wheel), prereleases=True):
             wheel.unlink()
             download(name)
             if not wanted[name].contains(wheel_version(selection.wheels[name]), prereleases=True):
@@ -390,6 +403,8 @@ def main() -> None:
         print(f"  {mib(wheel.stat().st_size):7.1f} MiB  {wheel.name}  [{selection.reasons[name]}]")
     for requirement in downloader.late:
         print(f"  after the cut-off: {requirement} (no matching wheel before it)")
+    for requirement in downloader.outside_pin:
+        print(f"  OUTSIDE THE PIN: {requirement} (no wheel on this index satisfies it; took the newest)")
     for conflict in selection.conflicts:
         print(f"  CONFLICT {conflict}")
     print("# vLLM requirements not carried")
