@@ -7,7 +7,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import card_command, convert, generate_command, selfcheck
+    from . import card_command, convert, export_command, generate_command, selfcheck
     from .demo import command as demo_command
     from .evaluation import bench_command, eval_command
     from .train import data_command, train_command
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         generate_command,
         selfcheck,
         convert,
+        export_command,
         data_command,
         train_command,
         eval_command,

@@ -679,3 +679,20 @@ def test_export_command_prints_the_serve_command(tmp_path, capsys):
     assert '"method": "dflash"' in out and '"num_speculative_tokens": 6' in out and "FLASH_ATTN" in out
     code, out = _cli(capsys, "export", tmp_path / "draft", tmp_path / "out")
     assert code == 2 and "not empty" in out
+
+
+def test_dspark_export_vllm_writes_what_dspark_vllm_export_writes(tmp_path, capsys):
+    draft = _tiny_draft()
+    draft.save_pretrained(tmp_path / "draft")
+    assert main(["vllm", "export", str(tmp_path / "draft"), str(tmp_path / "a")]) == 0
+    assert main(["export", str(tmp_path / "draft"), str(tmp_path / "b"), "--vllm"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_dspark_export_without_a_format_names_the_choices(tmp_path, capsys):
+    code = main(["export", str(tmp_path / "draft"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--vllm" in err and "dspark convert" in err

@@ -28,6 +28,24 @@ def _add_install_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_draft_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `dspark vllm export` (and its spelling `dspark export --vllm`)."""
+    parser.add_argument("source", help="draft checkpoint folder")
+    parser.add_argument("destination", help="folder to write (created; must be empty unless --force)")
+    parser.add_argument("--target", default="TARGET", help="target model name shown in the serve command")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty DESTINATION")
+
+
+def export_draft(args: argparse.Namespace) -> int:
+    result = export_for_vllm(args.source, args.destination, overwrite=args.force)
+    print(f"wrote {result.destination}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    print("serve it (after `dspark vllm patch`):")
+    print(f"  {result.serve_command(args.target)}")
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="vllm_action", required=True)
     for name, text in (
@@ -41,10 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write a draft as a checkpoint vLLM 0.23 serves with method 'dflash'",
         description="write a draft (any layout `dspark convert` reads) as a checkpoint vLLM 0.23 serves",
     )
-    export.add_argument("source", help="draft checkpoint folder")
-    export.add_argument("destination", help="folder to write (created; must be empty unless --force)")
-    export.add_argument("--target", default="TARGET", help="target model name shown in the serve command")
-    export.add_argument("--force", action="store_true", help="write into a non-empty DESTINATION")
+    add_draft_export_arguments(export)
     target = actions.add_parser(
         "export-target",
         help="write the target as a bf16 or NVFP4 (ModelOpt W4A16_NVFP4) HF checkpoint vLLM 0.23 serves",
@@ -95,13 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.vllm_action == "export-target":
         return _export_target(args)
     if args.vllm_action == "export":
-        result = export_for_vllm(args.source, args.destination, overwrite=args.force)
-        print(f"wrote {result.destination}")
-        for note in result.notes:
-            print(f"  note: {note}")
-        print("serve it (after `dspark vllm patch`):")
-        print(f"  {result.serve_command(args.target)}")
-        return 0
+        return export_draft(args)
     install = patching.find_vllm(args.vllm_root)
     if args.vllm_action == "patch":
         patching.require_supported(install)  # before reading the patch set: the clearer message
@@ -117,4 +126,4 @@ def run(args: argparse.Namespace) -> int:
     return 0 if complete else 1
 
 
-__all__ = ["COMMAND", "HELP", "add_arguments", "run"]
+__all__ = ["COMMAND", "HELP", "add_arguments", "add_draft_export_arguments", "export_draft", "run"]
