@@ -14,9 +14,10 @@ exactly what trained ones cost). With `--context` tokens prefilled it times, as 
   * HF `target.generate` per token (the baseline of the issue's "5x" target).
 
 Each forward step runs in three modes: `eager` (DynamicCache, as HF generate and our loop run today), `static`
-(transformers' StaticCache with a precomputed mask and static input buffers, no graph: isolates the cache) and
-`graph` (the static step captured in a CUDA graph; manual `torch.cuda.CUDAGraph` capture first, `torch.compile`
-"reduce-overhead" as the fallback; which one ran and any failure is recorded, never raised).
+(transformers' StaticCache written per row as our static loop does, a precomputed mask and static input buffers, no
+graph: isolates the cache) and `graph` (the static step captured in a CUDA graph; manual `torch.cuda.CUDAGraph`
+capture first, `torch.compile` "reduce-overhead" as the fallback; which one ran and any failure is recorded, never
+raised).
 
 The roofline of a step is the bytes it must read (every weight it multiplies by, plus the KV cache it attends to)
 divided by the measured device-to-device copy bandwidth. The report predicts the speedup of a speculative round,
@@ -52,12 +53,7 @@ from dspark.modeling_dspark import (  # noqa: E402
     spread_layer_ids,
 )
 from dspark.provenance import run_provenance  # noqa: E402
-from dspark.static_cache import (  # noqa: E402
-    StaticDraftCache,
-    bucket_length,
-    causal_key_mask,
-    set_static_cache_position,
-)
+from dspark.static_cache import StaticDraftCache, bucket_length, causal_key_mask, row_static_cache  # noqa: E402
 from dspark.verify import verify  # noqa: E402
 
 MODES = ("eager", "static", "graph")
@@ -346,6 +342,7 @@ class TargetContext:
     prompt: torch.Tensor  # [1, P]
     dynamic: DynamicCache
     static: StaticCache
+    write_start: torch.Tensor  # [1] where the static cache writes next (the loop's per-row write index)
     max_len: int
     features: torch.Tensor  # [1, P, K * H] target features of the prompt (for the draft's context)
 
@@ -364,11 +361,12 @@ def prefill_target(target, prompt: torch.Tensor, max_len: int, layer_ids: list[i
         use_cache=True,
         output_hidden_states=True,
     )
-    static = StaticCache(config=target.config, max_cache_len=max_len)
-    mask = causal_key_mask(0, length, max_len, prompt.device)
+    write_start = torch.zeros(1, dtype=torch.long, device=prompt.device)
+    static = row_static_cache(target.config, max_len, write_start)  # the static loop's target cache
+    mask = causal_key_mask(write_start, torch.zeros_like(write_start), length, max_len)
     target(input_ids=prompt, position_ids=positions, attention_mask={"full_attention": mask}, **{keyword: static})
     features = extract_target_features(out.hidden_states, layer_ids)
-    return TargetContext(prompt, dynamic, static, max_len, features)
+    return TargetContext(prompt, dynamic, static, write_start, max_len, features)
 
 
 def target_steps(target, context: TargetContext, tokens: torch.Tensor, layer_ids: list[int] | None) -> dict:
@@ -381,7 +379,8 @@ def target_steps(target, context: TargetContext, tokens: torch.Tensor, layer_ids
     keyword = cache_keyword(target)
     positions = torch.arange(start, start + length, device=tokens.device)[None]
     key_mask = torch.ones(1, start + length, dtype=torch.long, device=tokens.device)
-    mask = {"full_attention": causal_key_mask(start, length, context.max_len, tokens.device)}
+    first = torch.zeros(1, dtype=torch.long, device=tokens.device)
+    mask = {"full_attention": causal_key_mask(first + start, first, length, context.max_len)}
     want_features = layer_ids is not None
 
     def forward(cache, attention_mask) -> torch.Tensor:
@@ -399,7 +398,7 @@ def target_steps(target, context: TargetContext, tokens: torch.Tensor, layer_ids
 
     return {
         "eager": Step(lambda: forward(context.dynamic, key_mask), lambda: rewind_dynamic(context.dynamic, start)),
-        "static": Step(lambda: forward(context.static, mask), lambda: set_static_cache_position(context.static, start)),
+        "static": Step(lambda: forward(context.static, mask), lambda: context.write_start.fill_(start)),
     }
 
 

@@ -133,10 +133,10 @@ def methods(target, draft, stop_ids: set[int], max_new_tokens: int, use_graphs: 
 
     def decode_graph(ids):
         generated, _, _ = static_loop.generate_static(
-            target, draft, ids, max_new_tokens, False, LogitsProcessorList(), stop_ids, None, use_graphs,
-            (False, 1.0, None, None), draft_tokens=0,
+            target, draft, ids, torch.ones_like(ids), max_new_tokens, False, LogitsProcessorList(), stop_ids, None,
+            use_graphs, (False, 1.0, None, None), draft_tokens=0,
         )  # fmt: skip
-        return generated
+        return generated[0]
 
     return {
         "hf_generate": hf_generate,
@@ -232,7 +232,7 @@ def identity_checks(outputs: list[dict]) -> dict:
 
 def runner_of(draft, draft_tokens: int | None, use_graphs: bool):
     for runner in static_loop._RUNNERS.get(draft, {}).values():
-        if runner.key[2] == use_graphs and runner.key[3] == draft_tokens:
+        if runner.use_graphs == use_graphs and runner.draft_tokens == draft_tokens:
             return runner
     return None
 
@@ -242,7 +242,7 @@ def phases(runner, ids: torch.Tensor, device: torch.device, repeats: int) -> dic
     """Time the warm runner's steps in place: draft and verify are idempotent replays; accept advances the state, so
     its inputs are restored before every call. The state is first reset to the prompt (a safe cache position)."""
     b = runner.buffers
-    runner.prefill(ids)
+    runner.prefill(ids, torch.ones_like(ids))
     b.kept.fill_(1)  # pretend the context holds one kept entry: fixed-shape steps from position P on
     saved = [t.clone() for t in (b.length, b.kept, b.anchor, b.context)]
 

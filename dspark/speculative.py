@@ -323,8 +323,8 @@ def speculative_generate(
     per-row acceptance statistics and wall times when `return_stats=True`. `on_round`, if given, receives a
     `RoundEvent` per row and round as soon as the round is verified (streaming, visualisation).
 
-    static_cache=True: the fast path of `dspark.static_loop` (batch 1, attention-only targets with sdpa or eager
-    attention): preallocated caches and fixed shapes every round. cuda_graphs (default: on for CUDA targets when
+    static_cache=True: the fast path of `dspark.static_loop` (attention-only targets with sdpa or eager attention,
+    any batch): preallocated caches and fixed shapes every round. cuda_graphs (default: on for CUDA targets when
     static_cache=True) captures its draft and verify steps as CUDA graphs; it needs static_cache=True and CUDA.
     Unsupported settings raise a ValueError that names the way out.
     """
@@ -356,12 +356,18 @@ def speculative_generate(
     if static_cache:
         from .static_loop import check_static_support  # static_loop imports RoundEvent from this module
 
-        check_static_support(target, input_ids)
-        prompt = input_ids[:, attention_mask[0].bool()]  # batch 1: the left padding is simply dropped
+        check_static_support(target)
         sampling_key = (do_sample, temperature, top_k, top_p)
         runs = [
             _generate_static(
-                target, draft, prompt, **settings, use_graphs=use_graphs, key=sampling_key, on_round=on_round
+                target,
+                draft,
+                input_ids,
+                attention_mask,
+                **settings,
+                use_graphs=use_graphs,
+                key=sampling_key,
+                on_round=on_round,
             )
         ]
     elif target_is_stateful(target):
@@ -394,20 +400,21 @@ def resolve_cuda_graphs(target, static_cache: bool, cuda_graphs: bool | None) ->
     return cuda_graphs
 
 
-def _generate_static(
-    target, draft, input_ids, max_new_tokens, do_sample, processors, stop_ids, generator, use_graphs, key, on_round
-):
-    """One row through `dspark.static_loop`, reported like `_generate`."""
+def _generate_static(target, draft, input_ids, attention_mask, **settings):
+    """The batch through `dspark.static_loop`, reported like `_generate`."""
     from .static_loop import generate_static
 
-    def on_event(accepted, rejected, next_token, emitted, first):
-        if on_round is not None:
-            on_round(RoundEvent(0, accepted, rejected, next_token, emitted, first=first))
+    on_round = settings.pop("on_round")
 
+    def on_event(row, accepted, rejected, next_token, emitted, first):
+        if on_round is not None:
+            on_round(RoundEvent(row, accepted, rejected, next_token, emitted, first=first))
+
+    settings["sampling_key"] = settings.pop("key")
     generated, acceptance, seconds = generate_static(
-        target, draft, input_ids, max_new_tokens, do_sample, processors, stop_ids, generator, use_graphs, key, on_event
+        target, draft, input_ids, attention_mask, **settings, on_event=on_event
     )
-    return RunResult([generated], acceptance, seconds)
+    return RunResult(generated, acceptance, seconds)
 
 
 def _renumber(on_round: RoundCallback | None, row: int) -> RoundCallback | None:

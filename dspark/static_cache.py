@@ -4,13 +4,13 @@ CUDA graphs replay kernels on the memory addresses they were recorded with, so n
 writes may be reallocated between rounds: KV caches are preallocated to a maximum length, the write position lives in
 a device tensor, and the part of the buffer a query may see is chosen by a mask rather than by slicing.
 
-Shapes: L cache length, Q query positions, D head dim.
+Shapes: B rows, L cache length, Q query positions, D head dim.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import StaticCache
+from transformers.cache_utils import StaticCache, StaticLayer
 
 
 def bucket_length(length: int, multiple: int = 128) -> int:
@@ -19,19 +19,28 @@ def bucket_length(length: int, multiple: int = 128) -> int:
     return -(-length // multiple) * multiple
 
 
+def write_rows(buffer: torch.Tensor, start: torch.Tensor, entries: torch.Tensor) -> None:
+    """buffer [B, H, L, D] <- entries [B, H, n, D] at indices start[b] .. start[b] + n - 1 of each row b (in place).
+
+    Rows accept different numbers of tokens, so each row of a batch writes at its own cache index.
+    """
+    index = start[:, None] + torch.arange(entries.shape[2], device=entries.device)
+    buffer.scatter_(2, index[:, None, :, None].expand_as(entries), entries)
+
+
 class StaticDraftCache:
     """Draft KV buffers at fixed addresses, used in place of a DynamicCache by `DSparkAttention`.
 
-    `update` writes the new context + block entries at `position`, `position + 1`, ... and returns the whole buffers;
-    a 4-D mask hides everything not yet (or no longer) valid. The owner moves `position` (a device tensor, so moving
-    it costs no host sync and works between graph replays).
+    `update` writes each row's new context + block entries at `position[b]`, `position[b] + 1`, ... and returns the
+    whole buffers; a 4-D mask hides everything not yet (or no longer) valid. The owner moves `position` ([B] device
+    tensor, so moving it costs no host sync and works between graph replays).
     """
 
     def __init__(self, config, max_len: int, dtype: torch.dtype, device: torch.device, batch: int = 1):
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, dtype=torch.long, device=device)
 
     @property
     def max_len(self) -> int:
@@ -39,38 +48,55 @@ class StaticDraftCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key, value: [B, kv_heads, n, D] -> the layer's full buffers [B, kv_heads, L, D]."""
-        index = self.position + torch.arange(key.shape[2], device=key.device)
-        self.keys[layer_idx].index_copy_(2, index, key)
-        self.values[layer_idx].index_copy_(2, index, value)
+        write_rows(self.keys[layer_idx], self.position, key)
+        write_rows(self.values[layer_idx], self.position, value)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def get_seq_length(self) -> int:
-        return int(self.position)
+
+class RowStaticLayer(StaticLayer):
+    """A transformers `StaticLayer` whose rows write at their own cache index (`write_start` [B], shared by all
+    layers and moved by the owner), instead of one shared `cumulative_length`."""
+
+    def __init__(self, max_cache_len: int, write_start: torch.Tensor):
+        super().__init__(max_cache_len=max_cache_len)
+        self.write_start = write_start
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        write_rows(self.keys, self.write_start, key_states)
+        write_rows(self.values, self.write_start, value_states)
+        return self.keys, self.values
 
 
-def set_static_cache_position(cache: StaticCache, position: torch.Tensor | int) -> None:
-    """Make every layer of a transformers `StaticCache` write its next entries from `position` on.
+def row_static_cache(config, max_len: int, write_start: torch.Tensor) -> StaticCache:
+    """A transformers `StaticCache` for an attention-only target whose rows write from `write_start` [B] on.
 
-    transformers' `StaticLayer` keeps its write position in the device tensor `cumulative_length` and advances it in
-    place; overwriting it moves the cache back (stale entries behind it are masked, then overwritten) or forward.
+    Only `update` differs from transformers' layer; the model gets explicit 4-D masks and position ids, so nothing
+    reads the cache's own length.
     """
-    for layer in cache.layers:
-        if not hasattr(layer, "cumulative_length"):
-            raise RuntimeError(
-                f"dspark: {type(layer).__name__} has no `cumulative_length`; this transformers version's StaticCache "
-                "is not supported by the static-cache loop (use static_cache=False)."
-            )
-        if isinstance(position, torch.Tensor):
-            layer.cumulative_length.copy_(position)
-        else:
-            layer.cumulative_length.fill_(position)
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    if not all(type(layer) is StaticLayer for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise ValueError(
+            f"dspark: static_cache=True supports full-attention layers only; this target's StaticCache has {kinds}. "
+            "Use static_cache=False."
+        )
+    cache.layers = [RowStaticLayer(max_len, write_start) for _ in cache.layers]
+    return cache
 
 
-def causal_key_mask(start: torch.Tensor | int, queries: int, max_len: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, queries, max_len] bool: query i (at cache index start + i) sees cache entries 0 .. start + i."""
-    keys = torch.arange(max_len, device=device)[None]
-    query_index = start + torch.arange(queries, device=device)[:, None]
-    return (keys <= query_index)[None, None]
+def causal_key_mask(start: torch.Tensor, first: torch.Tensor, queries: int, max_len: int) -> torch.Tensor:
+    """[B, 1, queries, max_len] bool: query i of row b (at cache index start[b] + i) sees the row's entries
+    first[b] .. start[b] + i (`first`: its left padding, which no real token may see).
+
+    A padding query sees only itself, so no row of the mask is empty (an empty row would make SDPA return NaN, and
+    the NaN would reach real tokens through the padding's keys and values in later layers).
+    """
+    keys = torch.arange(max_len, device=start.device)[None, None]
+    query_index = start[:, None, None] + torch.arange(queries, device=start.device)[None, :, None]
+    visible = (keys <= query_index) & (keys >= first[:, None, None])
+    return (visible | (keys == query_index))[:, None]
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,18 +1,22 @@
-"""The static-shape speculative loop: batch 1, standard-attention targets, optionally replayed from CUDA graphs.
+"""The static-shape speculative loop: standard-attention targets, batches of any size, optionally replayed from CUDA
+graphs.
 
 Every round after the first has identical shapes: the draft step reads the last verify block's features (Q = N + 1
-entries, the rejected ones masked) and drafts N tokens; the verify step runs the target over [anchor, N drafted] (Q
-tokens, always all N even when the confidence head stops a block early: the unused slots come after the proposed ones,
-so the causal mask already keeps them out of the proposed slots' logits, and verification ignores them). Both caches
-are preallocated (a transformers `StaticCache` for the target, `StaticDraftCache` for the draft), their write
-positions and the masks are computed on the device from one counter, and a rejected token's entries are simply
-overwritten next round, because with one row the cache index of a token equals its position.
+entries per row, the rejected ones masked) and drafts N tokens per row; the verify step runs the target over
+[anchor, N drafted] (Q tokens, always all N even when the confidence head stops a block early: the unused slots come
+after the proposed ones, so the causal mask already keeps them out of the proposed slots' logits, and verification
+ignores them). Both caches are preallocated (a transformers `StaticCache` for the target, `StaticDraftCache` for the
+draft). Each row writes at its own cache index (`write_rows`), so a row's cache stays compact however much the other
+rows accepted: a rejected token's entries are simply overwritten next round, and a row's cache index is its position
+plus its left padding. Write indices and masks are computed on the device from per-row counters.
 
 On CUDA the two steps are captured as CUDA graphs on first use and replayed; the accept step (verification, a few
-small kernels) runs eagerly, followed by the round's only host sync: one `.tolist()` of the verdict and the block.
+small kernels) runs eagerly, followed by the round's only host sync: one `.tolist()` of the verdicts and blocks.
+A finished row keeps running (shapes are fixed) but stands still: it keeps nothing, so its counters stop moving.
 
-Shapes: P prompt length, N = draft.config.num_draft_tokens drafted tokens per round, Q = N + 1 verified positions,
-S = draft block size, F = K * H_target feature width, V vocabulary, L / Ld target / draft cache lengths.
+Shapes: B rows, P prompt length (left-padded), N = draft.config.num_draft_tokens drafted tokens per round,
+Q = N + 1 verified positions, S = draft block size, F = K * H_target feature width, V vocabulary, L / Ld target /
+draft cache lengths.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessorList
-from transformers.cache_utils import StaticCache
 
 from .acceptance import AcceptanceStats
 from .cuda_graphs import GraphedStep
@@ -34,30 +37,18 @@ from .modeling_dspark import (
     extract_target_features,
     target_is_stateful,
 )
-from .static_cache import (
-    StaticDraftCache,
-    additive_mask,
-    bucket_length,
-    causal_key_mask,
-    set_static_cache_position,
-)
+from .static_cache import StaticDraftCache, additive_mask, bucket_length, causal_key_mask, row_static_cache
 from .verify import Verdict, accept_prefix, verify
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-def check_static_support(target, input_ids: torch.Tensor) -> None:
+def check_static_support(target) -> None:
     """Refuse, with the reason and the way out, what the static path cannot run exactly."""
     if target_is_stateful(target):
         raise ValueError(
             "dspark: static_cache=True supports attention-only targets; this target has recurrent (linear-attention) "
             "state, which needs the rewind-and-replay path. Use static_cache=False."
-        )
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"dspark: static_cache=True runs batch 1 only (got {input_ids.shape[0]} rows): rows accept different "
-            "amounts, and a shared StaticCache write position cannot follow them. Use static_cache=False for batches, "
-            "or call once per row."
         )
     config = target.config.get_text_config()
     layer_types = getattr(config, "layer_types", None) or []
@@ -93,22 +84,25 @@ def confidence_lengths(confidence: torch.Tensor | None, count: int, config) -> t
 
 @dataclass
 class StaticBuffers:
-    """Everything the captured steps read and write, at fixed addresses ([1, ...] rows)."""
+    """Everything the captured steps read and write, at fixed addresses (one entry per row)."""
 
-    length: torch.Tensor  # [] tokens in the target cache = the anchor's position
-    kept: torch.Tensor  # [] entries of `context` that are part of the sequence (accepted + 1; P after the prefill)
-    anchor: torch.Tensor  # [1] last emitted token, not yet seen by the target
-    context: torch.Tensor  # [1, Q, F] features of the last verify block
-    block_tokens: torch.Tensor  # [1, N] drafted tokens
-    q_logits: torch.Tensor  # [1, N, V] float32, what the draft sampled from
-    proposed: torch.Tensor  # [1] drafted tokens the row proposes (confidence stop)
-    target_mask: torch.Tensor  # [1, 1, Q, L] visible target cache entries of each verified position
-    logits: torch.Tensor  # [1, Q, V] target logits of the verify block
-    features: torch.Tensor  # [1, Q, F] target features of the verify block
+    padding: torch.Tensor  # [B] left padding of the prompt (cache entries no real token sees)
+    length: torch.Tensor  # [B] entries in the row's target cache = the anchor's cache index
+    kept: torch.Tensor  # [B] entries of `context` that continue the row (accepted + 1; P after the prefill)
+    active: torch.Tensor  # [B] bool, False once the row finished (it then keeps nothing)
+    anchor: torch.Tensor  # [B] last emitted token, not yet seen by the target
+    context: torch.Tensor  # [B, Q, F] features of the last verify block
+    block_tokens: torch.Tensor  # [B, N] drafted tokens
+    q_logits: torch.Tensor  # [B, N, V] float32, what the draft sampled from
+    proposed: torch.Tensor  # [B] drafted tokens the row proposes (confidence stop)
+    target_write: torch.Tensor  # [B] where the target cache writes next (read by every layer)
+    target_mask: torch.Tensor  # [B, 1, Q, L] visible target cache entries of each verified position
+    logits: torch.Tensor  # [B, Q, V] target logits of the verify block
+    features: torch.Tensor  # [B, Q, F] target features of the verify block
 
 
 class StaticSpeculativeRunner:
-    """Caches, buffers and (on CUDA) captured graphs for one (target, draft, cache length, sampling setting).
+    """Caches, buffers and (on CUDA) captured graphs for one (target, draft, batch, cache length, sampling setting).
 
     Kept between calls (see `runner_for`) so a graph is captured once per setting, not once per prompt.
     """
@@ -117,6 +111,7 @@ class StaticSpeculativeRunner:
         self,
         target,
         draft: DSparkDraftModel,
+        batch: int,
         max_len: int,
         processors: LogitsProcessorList,
         do_sample: bool,
@@ -125,9 +120,10 @@ class StaticSpeculativeRunner:
         draft_tokens: int | None = None,
     ):
         self.key = key  # what `runner_for` compares to decide whether a later call can reuse this runner
+        self.use_graphs, self.draft_tokens = use_graphs, draft_tokens
         self.target, self.draft = target, draft
         self.processors, self.do_sample = processors, do_sample
-        self.max_len = max_len
+        self.batch, self.max_len = batch, max_len
         self.slots = draft.config.block_size
         # Verify only the first `draft_tokens` drafted tokens (0: no draft at all, plain decoding on this path).
         full = draft.config.num_draft_tokens
@@ -137,22 +133,29 @@ class StaticSpeculativeRunner:
         device, vocab = target.device, target.config.get_text_config().vocab_size
         width = len(draft.config.target_layer_ids) * draft.config.target_hidden_size
         mask_dtype = torch.bool if target.config._attn_implementation == "sdpa" else target.dtype
-        self.target_cache = StaticCache(config=target.config, max_cache_len=max_len)
+
+        def rows(*shape, dtype=target.dtype, fill=0):
+            return torch.full((batch, *shape), fill, dtype=dtype, device=device)
+
+        self.buffers = StaticBuffers(
+            padding=rows(dtype=torch.long),
+            length=rows(dtype=torch.long),
+            kept=rows(dtype=torch.long),
+            active=rows(dtype=torch.bool, fill=True),
+            anchor=rows(dtype=torch.long),
+            context=rows(self.queries, width),
+            block_tokens=rows(self.count, dtype=torch.long),
+            q_logits=rows(self.count, vocab, dtype=torch.float32),
+            proposed=rows(dtype=torch.long, fill=self.count),
+            target_write=rows(dtype=torch.long),
+            target_mask=rows(1, self.queries, max_len, dtype=mask_dtype),
+            logits=rows(self.queries, vocab, dtype=torch.float32),
+            features=rows(self.queries, width),
+        )
+        self.target_cache = row_static_cache(target.config, max_len, self.buffers.target_write)
         # The draft cache also holds a whole verify block of context and the drafted block beyond the sequence.
         draft_len = bucket_length(max_len + self.queries + self.slots, 16)
-        self.draft_cache = StaticDraftCache(draft.config, draft_len, draft.dtype, device)
-        self.buffers = StaticBuffers(
-            length=torch.zeros((), dtype=torch.long, device=device),
-            kept=torch.zeros((), dtype=torch.long, device=device),
-            anchor=torch.zeros(1, dtype=torch.long, device=device),
-            context=torch.zeros(1, self.queries, width, dtype=target.dtype, device=device),
-            block_tokens=torch.zeros(1, self.count, dtype=torch.long, device=device),
-            q_logits=torch.zeros(1, self.count, vocab, dtype=torch.float32, device=device),
-            proposed=torch.full((1,), self.count, dtype=torch.long, device=device),
-            target_mask=torch.zeros(1, 1, self.queries, max_len, dtype=mask_dtype, device=device),
-            logits=torch.zeros(1, self.queries, vocab, dtype=torch.float32, device=device),
-            features=torch.zeros(1, self.queries, width, dtype=target.dtype, device=device),
-        )
+        self.draft_cache = StaticDraftCache(draft.config, draft_len, draft.dtype, device, batch)
         # plain decoding (count 0) drafts nothing: a graph of it would be empty, which CUDA warns about
         self.draft_step = GraphedStep(
             lambda: self.draft_into_buffers(self.buffers.context), use_graphs and self.count > 0, name="draft step"
@@ -161,41 +164,44 @@ class StaticSpeculativeRunner:
 
     # -- prefill (eager: its shape is the prompt's) ------------------------------------------------------------------
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt [1, P] into the target cache; returns its features [1, P, F] and sets the anchor."""
-        length = input_ids.shape[1]
-        set_static_cache_position(self.target_cache, 0)
-        visible = causal_key_mask(0, length, self.max_len, input_ids.device)
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the prompts [B, P] (left-padded where attention_mask [B, P] is 0) into the target cache; returns their
+        features [B, P, F] and sets the anchors."""
+        b, length = self.buffers, input_ids.shape[1]
+        b.padding.copy_(length - attention_mask.sum(-1))
+        b.target_write.zero_()
+        b.active.fill_(True)
+        visible = causal_key_mask(b.target_write, b.padding, length, self.max_len)
         out = self.target(
             input_ids=input_ids,
             attention_mask=self.format_mask(visible),
-            position_ids=torch.arange(length, device=input_ids.device)[None],
+            position_ids=(torch.arange(length, device=input_ids.device)[None] - b.padding[:, None]).clamp(min=0),
             **{self.keyword: self.target_cache},
             use_cache=True,
             output_hidden_states=True,
             logits_to_keep=1,
         )
-        self.buffers.anchor.copy_(self.choose(out.logits[:, -1].float()))
-        self.buffers.length.fill_(length)
-        self.buffers.kept.fill_(length)
+        b.anchor.copy_(self.choose(out.logits[:, -1].float()))
+        b.length.fill_(length)
+        b.kept.fill_(length)
         return extract_target_features(out.hidden_states, self.draft.config.target_layer_ids)
 
     def format_mask(self, visible: torch.Tensor) -> torch.Tensor:
         return visible if self.buffers.target_mask.dtype == torch.bool else additive_mask(visible, self.target.dtype)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """[1, V] target logits -> [1] token (argmax or a draw from the processed distribution)."""
-        chooser = ProcessorTokenChooser(logits.new_zeros(1, 0, dtype=torch.long), self.processors, self.do_sample)
-        return chooser(logits)[1]
+        """[B, V] target logits -> [B] tokens (argmax or a draw from the processed distribution)."""
+        no_history = logits.new_zeros(logits.shape[0], 0, dtype=torch.long)
+        return ProcessorTokenChooser(no_history, self.processors, self.do_sample)(logits)[1]
 
     # -- the two steps that are captured -----------------------------------------------------------------------------
 
     def draft_into_buffers(self, context: torch.Tensor) -> None:
         """Draft step: backbone over [context ; block], Markov sampling of the block, outputs into the buffers.
 
-        context: [1, C, F] (C = P in the first round, Q after). Its first `kept` entries continue the sequence; they
-        are written from cache index length - kept on (so the rejected entries of last round's block are overwritten)
-        and the block after all C of them; the mask shows the sequence and the block only.
+        context: [B, C, F] (C = P in the first round, Q after). Its first `kept` entries continue each row; they are
+        written from cache index length - kept on (so the rejected entries of last round's block are overwritten)
+        and the block after all C of them; the mask shows the row's sequence (without its padding) and the block.
         """
         if self.count == 0:
             return  # plain decoding: nothing to draft
@@ -203,12 +209,14 @@ class StaticSpeculativeRunner:
         device, fresh = context.device, context.shape[1]
         base = b.length - b.kept
         cache.position.copy_(base)
-        block_positions = b.length + torch.arange(self.slots, device=device)
-        positions = torch.cat([base + torch.arange(fresh, device=device), block_positions])[None]
-        keys = torch.arange(cache.max_len, device=device)
-        block_start = base + fresh
-        visible = (keys < b.length) | ((keys >= block_start) & (keys < block_start + self.slots))
-        mask = visible.expand(1, 1, self.slots, cache.max_len).contiguous()  # SDPA kernels want a dense mask
+        context_positions = base[:, None] + torch.arange(fresh, device=device)
+        block_positions = b.length[:, None] + torch.arange(self.slots, device=device)
+        positions = (torch.cat([context_positions, block_positions], dim=1) - b.padding[:, None]).clamp(min=0)
+        keys = torch.arange(cache.max_len, device=device)[None]
+        block_start = (base + fresh)[:, None]
+        sequence = (keys >= b.padding[:, None]) & (keys < b.length[:, None])
+        visible = sequence | ((keys >= block_start) & (keys < block_start + self.slots))
+        mask = visible[:, None, None, :].expand(-1, 1, self.slots, -1).contiguous()  # SDPA kernels want it dense
         out = draft(draft.embed_block(b.anchor), context, position_ids=positions, attention_mask=mask, cache=cache)
         chooser = ProcessorTokenChooser(b.anchor[:, None], self.processors, self.do_sample)
         # threshold 0: draft every slot (no data-dependent break); the confidence stop is applied just below.
@@ -224,16 +232,16 @@ class StaticSpeculativeRunner:
             b.proposed.copy_(lengths)
 
     def verify_into_buffers(self) -> None:
-        """Verify step: the target over [anchor, N drafted] at positions length .. length + N, written into the
-        target cache from index `length` on; logits and features into the buffers."""
+        """Verify step: the target over [anchor, N drafted] of each row at cache indices length .. length + N (its
+        positions minus the padding); logits and features into the buffers."""
         b = self.buffers
-        device = b.anchor.device
-        set_static_cache_position(self.target_cache, b.length)
-        b.target_mask.copy_(self.format_mask(causal_key_mask(b.length, self.queries, self.max_len, device)))
+        b.target_write.copy_(b.length)
+        b.target_mask.copy_(self.format_mask(causal_key_mask(b.length, b.padding, self.queries, self.max_len)))
+        offsets = torch.arange(self.queries, device=b.anchor.device)
         out = self.target(
             input_ids=torch.cat([b.anchor[:, None], b.block_tokens], dim=1),
             attention_mask=b.target_mask,
-            position_ids=(b.length + torch.arange(self.queries, device=device))[None],
+            position_ids=(b.length - b.padding)[:, None] + offsets,
             **{self.keyword: self.target_cache},
             use_cache=True,
             output_hidden_states=self.count > 0,  # plain decoding feeds no draft
@@ -245,26 +253,32 @@ class StaticSpeculativeRunner:
     # -- accept (eager, small) ---------------------------------------------------------------------------------------
 
     def processed(self, logits: torch.Tensor) -> torch.Tensor:
-        """[1, Q, V] -> the same through the warpers (position-independent, so one call over all positions)."""
+        """[B, Q, V] -> the same through the warpers (position-independent, so one call over all positions)."""
         if not self.processors:
             return logits
         flat = logits.reshape(-1, logits.shape[-1])
         return self.processors(flat.new_zeros(flat.shape[0], 0, dtype=torch.long), flat).view_as(logits)
 
-    def accept(self, generator: torch.Generator | None) -> list[int]:
-        """Verify the block, advance the device state, and read back [accepted, next token, proposed, *drafted]."""
+    def accept(self, generator: torch.Generator | None) -> list[list[int]]:
+        """Verify the blocks, advance the active rows, and read back per row [accepted, next token, proposed,
+        *drafted]."""
         b = self.buffers
         if self.count == 0:
-            verdict = Verdict(b.proposed.new_zeros(1), self.choose(b.logits[:, 0]))
+            verdict = Verdict(b.proposed.new_zeros(self.batch), self.choose(b.logits[:, 0]))
         else:
             target_logits = self.processed(b.logits)
             verdict = verify(b.block_tokens, b.proposed, b.q_logits, target_logits, self.do_sample, generator)
-        b.kept.copy_(verdict.accepted[0] + 1)
+        b.kept.copy_(torch.where(b.active, verdict.accepted + 1, 0))
         b.length.add_(b.kept)
-        b.anchor.copy_(verdict.next_tokens)
+        b.anchor.copy_(torch.where(b.active, verdict.next_tokens, b.anchor))
         b.context.copy_(b.features)
         # The round's one host sync.
-        return torch.cat([verdict.accepted, verdict.next_tokens, b.proposed, b.block_tokens[0]]).tolist()
+        summary = [verdict.accepted[:, None], verdict.next_tokens[:, None], b.proposed[:, None], b.block_tokens]
+        return torch.cat(summary, dim=1).tolist()
+
+    def stop_rows(self, rows: list[int]) -> None:
+        """Rows that finished keep nothing from now on (their counters stop; shapes stay the same)."""
+        self.buffers.active[rows] = False
 
 
 # draft -> {setting key: runner}. Weak on the draft, so dropping the models frees caches and graphs.
@@ -274,6 +288,7 @@ _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def runner_for(
     target,
     draft,
+    batch: int,
     needed: int,
     processors,
     do_sample: bool,
@@ -281,15 +296,17 @@ def runner_for(
     sampling_key: tuple,
     draft_tokens: int | None = None,
 ) -> StaticSpeculativeRunner:
-    """The runner for this setting (target, sampling, graphs, draft tokens) if its caches hold `needed` tokens, else a
-    new one in its place (a longer one: graphs are captured once per setting and cache length)."""
+    """The runner for this setting (target, batch, sampling, graphs, draft tokens) if its caches hold `needed` tokens,
+    else a new one in its place (a longer one: graphs are captured once per setting and cache length)."""
     runners = _RUNNERS.setdefault(draft, {})
-    key = (id(target), sampling_key, use_graphs, draft_tokens, target.dtype, str(target.device))
+    key = (id(target), batch, sampling_key, use_graphs, draft_tokens, target.dtype, str(target.device))
     runner = runners.get(key)
     if runner is None or runner.max_len < needed:
         runners.pop(key, None)  # free the old graphs and caches before allocating new ones
         max_len = bucket_length(needed)
-        runner = StaticSpeculativeRunner(target, draft, max_len, processors, do_sample, use_graphs, key, draft_tokens)
+        runner = StaticSpeculativeRunner(
+            target, draft, batch, max_len, processors, do_sample, use_graphs, key, draft_tokens
+        )
         runners[key] = runner
     return runner
 
@@ -299,6 +316,7 @@ def generate_static(
     target,
     draft: DSparkDraftModel,
     input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
     max_new_tokens: int,
     do_sample: bool,
     processors: LogitsProcessorList,
@@ -308,28 +326,35 @@ def generate_static(
     sampling_key: tuple,
     on_event=None,
     draft_tokens: int | None = None,
-) -> tuple[list[int], AcceptanceStats, dict[str, float]]:
-    """One row [1, P] through the static loop; returns (generated tokens, acceptance stats, seconds per phase).
+) -> tuple[list[list[int]], AcceptanceStats, dict[str, float]]:
+    """Rows [B, P] (left-padded where attention_mask is 0) through the static loop; returns (generated tokens per
+    row, acceptance stats, seconds per phase).
 
-    `on_event(accepted, rejected, next_token, emitted, first)` is called per round (and for the prefill's token).
-    `draft_tokens` verifies fewer than the draft's N tokens per round; 0 is plain decoding (one target forward per
-    token, no draft), the baseline of the graph path itself.
+    `on_event(row, accepted, rejected, next_token, emitted, first)` is called per row and round (and for the
+    prefill's token). `draft_tokens` verifies fewer than the draft's N tokens per round; 0 is plain decoding (one
+    target forward per token, no draft), the baseline of the graph path itself.
     """
-    needed = input_ids.shape[1] + max_new_tokens + draft.config.num_draft_tokens + 1
-    runner = runner_for(target, draft, needed, processors, do_sample, use_graphs, sampling_key, draft_tokens)
+    batch = input_ids.shape[0]
+    # A row's last round may keep a whole block past its budget (up to P + max_new_tokens + N entries), and in a
+    # batch it then keeps verifying Q more entries while other rows finish.
+    queries = draft.config.num_draft_tokens + 1
+    needed = input_ids.shape[1] + max_new_tokens + 2 * queries
+    runner = runner_for(target, draft, batch, needed, processors, do_sample, use_graphs, sampling_key, draft_tokens)
     acceptance = AcceptanceStats(num_slots=runner.count)
     seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "commit": 0.0}
 
     started = time.perf_counter()
-    prompt_features = runner.prefill(input_ids)
-    first = int(runner.buffers.anchor[0])
-    generated = [first]
-    finished = first in stop_ids or max_new_tokens <= 1
+    prompt_features = runner.prefill(input_ids, attention_mask)
+    generated = [[token] for token in runner.buffers.anchor.tolist()]
+    finished = [tokens[0] in stop_ids or max_new_tokens <= 1 for tokens in generated]
     seconds["prefill"] = time.perf_counter() - started
     if on_event is not None:
-        on_event([], [], first, [first], True)
+        for row, tokens in enumerate(generated):
+            on_event(row, [], [], tokens[0], list(tokens), True)
+    if any(finished):
+        runner.stop_rows([row for row, done in enumerate(finished) if done])
     first_round = True
-    while not finished:
+    while not all(finished):
         tick = time.perf_counter()
         if first_round:
             runner.draft_into_buffers(prompt_features)  # the prompt's context has its own shape: eager
@@ -339,20 +364,30 @@ def generate_static(
         tock = time.perf_counter()
         seconds["draft"] += tock - tick
         runner.verify_step()
-        values = runner.accept(generator)
+        summaries = runner.accept(generator)
         tick = time.perf_counter()
         seconds["verify"] += tick - tock
-        accepted, next_token, proposed, drafted = values[0], values[1], values[2], values[3:]
-        emitted = []
-        for token in [*drafted[:accepted], next_token]:
-            emitted.append(token)
-            generated.append(token)
-            if token in stop_ids or len(generated) >= max_new_tokens:
-                finished = True
-                break
-        acceptance.record(torch.tensor([accepted]), torch.tensor([proposed]), torch.tensor([True]), [len(emitted)])
+        took_part = [not done for done in finished]
+        emitted_counts, newly_finished = [0] * batch, []
+        for row, (accepted, next_token, proposed, *drafted) in enumerate(summaries):
+            if finished[row]:
+                continue
+            emitted = []
+            for token in [*drafted[:accepted], next_token]:
+                emitted.append(token)
+                generated[row].append(token)
+                if token in stop_ids or len(generated[row]) >= max_new_tokens:
+                    finished[row] = True
+                    newly_finished.append(row)
+                    break
+            emitted_counts[row] = len(emitted)
+            if on_event is not None:
+                on_event(row, drafted[:accepted], drafted[accepted:proposed], next_token, emitted, False)
+        if newly_finished:
+            runner.stop_rows(newly_finished)
+        accepted_counts = torch.tensor([summary[0] for summary in summaries])
+        proposed_counts = torch.tensor([summary[2] for summary in summaries])
+        acceptance.record(accepted_counts, proposed_counts, torch.tensor(took_part), emitted_counts)
         seconds["commit"] += time.perf_counter() - tick
-        if on_event is not None:
-            on_event(drafted[:accepted], drafted[accepted:proposed], next_token, emitted, False)
     seconds["total"] = time.perf_counter() - started
     return generated, acceptance, seconds

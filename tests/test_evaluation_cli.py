@@ -144,14 +144,15 @@ def test_dspark_bench_runs_every_method_in_abba_order_and_checks_outputs(checkpo
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
     single, double = report["local"]["summary"]["1"], report["local"]["summary"]["2"]
-    assert set(single) == {"plain", "assisted", "loop", "loop_static", "lookup"} and set(double) == {"plain", "loop"}
+    assert set(single) == {"plain", "assisted", "loop", "loop_static", "lookup"}
+    assert set(double) == {"plain", "loop", "loop_static"}
     for name in ("assisted", "loop", "loop_static", "lookup"):
         assert single[name]["runs"] == 2 and single[name]["failed_runs"] == 0
         assert single[name]["token_match"]["rate"] == 1.0, f"{name} must reproduce plain greedy in float32"
         assert single[name]["vs_plain"]["speedup"] > 0
-    assert double["loop"]["token_match"]["rate"] == 1.0 and double["loop"]["acceptance_length"] >= 1.0
-    assert set(report["local"]["skipped"]["2"]) == {"assisted", "loop_static", "lookup"}
-    assert "static_cache=True" in report["local"]["skipped"]["2"]["loop_static"]
+    for name in ("loop", "loop_static"):  # our loop runs batches on both paths
+        assert double[name]["token_match"]["rate"] == 1.0 and double[name]["acceptance_length"] >= 1.0
+    assert set(report["local"]["skipped"]["2"]) == {"assisted", "lookup"}
     orders = [(m["workload"], m["round"], m["method"]) for m in report["local"]["measurements"] if m["batch_size"] == 1]
     assert [name for workload, _, name in orders if workload == 0] == [
         "plain",

@@ -7,6 +7,7 @@ from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35
 
 import dspark
 import dspark.speculative as loop
+import dspark.static_loop as static_loop
 from dspark.speculative import speculative_generate
 
 
@@ -26,9 +27,13 @@ def plain_greedy(target, row: torch.Tensor, max_new_tokens: int, eos: int | None
 
 
 class Oracle:
-    """Makes a draft propose each row's true plain-greedy continuation, wrong on a fixed pattern of slots."""
+    """Makes a draft propose each row's true plain-greedy continuation, wrong on a fixed pattern of slots.
 
-    def __init__(self, draft, continuations: list[list[int]], wrong_every: int, monkeypatch):
+    The dynamic loop's state says how many tokens each row produced; the static loop keeps no Python-side state per
+    round, so there (`static_width`: the padded prompt width) the count comes from the runner's device counters.
+    """
+
+    def __init__(self, draft, continuations: list[list[int]], wrong_every: int, monkeypatch, static_width=None):
         self.continuations = continuations
         self.wrong_every = wrong_every
         self.produced: list[int] = []
@@ -39,10 +44,16 @@ class Oracle:
             self.produced = [len(tokens) for tokens in state.generated]
             return original_round(draft_model, state, processors, do_sample)
 
+        def produced_by_static_rows() -> list[int]:
+            runner = list(static_loop._RUNNERS[draft].values())[-1]  # the newest setting is the one running
+            return (runner.buffers.length - static_width + 1).tolist()
+
         monkeypatch.setattr(loop, "draft_round", draft_round)
         vocab = draft.config.vocab_size
 
         def block_logits(draft_hidden):
+            if static_width is not None:
+                self.produced = produced_by_static_rows()
             self.calls += 1
             batch, slots, _ = draft_hidden.shape
             logits = torch.zeros(batch, slots, vocab)
@@ -68,21 +79,25 @@ class Oracle:
     ],
     ids=["dflash-backbone", "markov", "gated-markov-confidence", "dflash-slots"],
 )
-def test_batched_greedy_output_equals_row_by_row_plain_greedy(make_target, draft_kwargs):
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_batched_greedy_output_equals_row_by_row_plain_greedy(make_target, draft_kwargs, static_cache):
     target = make_target(seed=2)
     draft = tiny_draft(target, **draft_kwargs)
     generator = torch.Generator().manual_seed(7)
     rows = [torch.randint(0, target.config.vocab_size, (length,), generator=generator) for length in (3, 11, 1, 6)]
     ids, mask = left_padded(rows)
-    out = speculative_generate(target, draft, ids, mask, max_new_tokens=20, return_stats=True)
+    out = speculative_generate(
+        target, draft, ids, mask, max_new_tokens=20, return_stats=True, static_cache=static_cache
+    )
     for index, row in enumerate(rows):
         assert out.generated[index] == plain_greedy(target, row, 20), f"row {index}"
     assert out.sequences.shape == (4, ids.shape[1] + 20)
     assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
 
 
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("sample_from_anchor", [True, False])
-def test_rows_accept_different_amounts_and_stop_at_different_times(sample_from_anchor, monkeypatch):
+def test_rows_accept_different_amounts_and_stop_at_different_times(sample_from_anchor, static_cache, monkeypatch):
     target = tiny_llama(seed=3)
     draft = tiny_draft(target, block_size=5, markov_rank=4, sample_from_anchor=sample_from_anchor)
     generator = torch.Generator().manual_seed(1)
@@ -92,9 +107,11 @@ def test_rows_accept_different_amounts_and_stop_at_different_times(sample_from_a
     stop = continuations[1][7]
     expected = [plain_greedy(target, row, 40, eos=stop) for row in rows]
     assert len({len(tokens) for tokens in expected}) > 1, "rows must end at different times"
-    Oracle(draft, continuations, wrong_every=4, monkeypatch=monkeypatch)
     ids, mask = left_padded(rows)
-    out = speculative_generate(target, draft, ids, mask, max_new_tokens=40, eos_token_id=stop, return_stats=True)
+    Oracle(draft, continuations, 4, monkeypatch, static_width=ids.shape[1] if static_cache else None)
+    out = speculative_generate(
+        target, draft, ids, mask, max_new_tokens=40, eos_token_id=stop, return_stats=True, static_cache=static_cache
+    )
     assert out.generated == expected
     lengths = [row["acceptance_lengths"] for row in out.stats["per_row"]]
     assert out.stats["mean_acceptance_length"] > 2.0, "the rigged draft must be accepted"
@@ -102,13 +119,17 @@ def test_rows_accept_different_amounts_and_stop_at_different_times(sample_from_a
     assert len({tuple(row) for row in lengths}) > 1, "rows must advance by different amounts"
 
 
-def test_statistics_add_up_to_the_generated_tokens(monkeypatch):
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_statistics_add_up_to_the_generated_tokens(static_cache, monkeypatch):
     target = tiny_qwen3(seed=5)
     draft = tiny_draft(target, block_size=4, markov_rank=4, enable_confidence_head=True)
     rows = [torch.randint(0, 160, (length,), generator=torch.Generator().manual_seed(length)) for length in (5, 8)]
-    Oracle(draft, [plain_greedy(target, row, 30) for row in rows], wrong_every=3, monkeypatch=monkeypatch)
     ids, mask = left_padded(rows)
-    out = speculative_generate(target, draft, ids, mask, max_new_tokens=30, return_stats=True)
+    continuations = [plain_greedy(target, row, 30) for row in rows]
+    Oracle(draft, continuations, 3, monkeypatch, static_width=ids.shape[1] if static_cache else None)
+    out = speculative_generate(
+        target, draft, ids, mask, max_new_tokens=30, return_stats=True, static_cache=static_cache
+    )
     stats = out.stats
     for row, generated in zip(stats["per_row"], out.generated):
         # one token from the prefill, then each round's accepted drafts plus the target's bonus token
@@ -122,15 +143,18 @@ def test_statistics_add_up_to_the_generated_tokens(monkeypatch):
     assert set(stats["seconds"]) >= {"prefill", "draft", "verify", "commit", "total"}
 
 
-def test_round_events_rebuild_each_rows_output_and_mark_accepted_rejected_and_bonus(monkeypatch):
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_round_events_rebuild_each_rows_output_and_mark_accepted_rejected_and_bonus(static_cache, monkeypatch):
     target = tiny_llama(seed=4)
     draft = tiny_draft(target, block_size=4, markov_rank=4)
     rows = [torch.randint(0, 128, (length,), generator=torch.Generator().manual_seed(length)) for length in (3, 7)]
     continuations = [plain_greedy(target, row, 25) for row in rows]
-    Oracle(draft, continuations, wrong_every=7, monkeypatch=monkeypatch)
     events = []
     ids, mask = left_padded(rows)
-    out = speculative_generate(target, draft, ids, mask, max_new_tokens=25, return_stats=True, on_round=events.append)
+    Oracle(draft, continuations, 7, monkeypatch, static_width=ids.shape[1] if static_cache else None)
+    out = speculative_generate(
+        target, draft, ids, mask, 25, return_stats=True, on_round=events.append, static_cache=static_cache
+    )
     for index, stats in enumerate(out.stats["per_row"]):
         mine = [event for event in events if event.row == index]
         assert mine[0].first and mine[0].emitted == [continuations[index][0]]

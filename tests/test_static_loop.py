@@ -1,4 +1,7 @@
-"""The static-shape loop (`static_cache=True`): batch 1, fixed shapes, cache entries overwritten after rejections.
+"""The static-shape loop (`static_cache=True`): fixed shapes, cache entries overwritten after rejections.
+
+Batches (left padding, rows accepting different amounts, rows stopping at different times) are tested beside the
+dynamic loop in test_speculative_loop.py, with the same tests.
 
 Random drafts accept almost nothing, so most tests rig the draft (`StaticOracle`) to propose the target's true greedy
 continuation with a fixed pattern of wrong slots: rounds then accept 0 .. N tokens, which is what exercises the
@@ -193,14 +196,17 @@ def test_sampling_statistics_add_up_and_events_match_the_output():
         assert 1 <= len(event.accepted) + len(event.rejected) <= draft.config.num_draft_tokens
 
 
-def test_sampling_draws_what_the_dynamic_loop_draws_from_the_same_seeds():
+@pytest.mark.parametrize("lengths", [(5,), (5, 2, 8)], ids=["one-row", "left-padded-batch"])
+def test_sampling_draws_what_the_dynamic_loop_draws_from_the_same_seeds(lengths):
     """Both loops consume random numbers in the same order (prefill token, N draft slots, then verification from
     `generator`), so equal seeds give equal samples unless q or p differ: a check that the static path verifies
     against the same draft q and target p, which the lossless guarantee rests on (tested statistically for the
     dynamic loop in test_speculative_loop.py)."""
     target = tiny_llama(seed=13, vocab_size=32)
     draft = tiny_draft(target, block_size=4, markov_rank=4)
-    ids = prompt(5, seed=10, vocab=32)
+    width = max(lengths)
+    ids = torch.cat([prompt(width, seed=10 + row, vocab=32) for row in range(len(lengths))])
+    mask = torch.stack([(torch.arange(width) >= width - length).long() for length in lengths])
     outputs = []
     for static in (True, False):
         torch.manual_seed(3)
@@ -208,6 +214,7 @@ def test_sampling_draws_what_the_dynamic_loop_draws_from_the_same_seeds():
             target,
             draft,
             ids,
+            mask,
             max_new_tokens=40,
             do_sample=True,
             temperature=1.2,
@@ -230,10 +237,12 @@ def test_fewer_drafted_tokens_and_plain_decoding_on_the_static_path(draft_tokens
     ids = prompt(6, seed=11)
     expected = plain_greedy(target, ids, 12)
     StaticOracle(draft, expected, ids.shape[1], wrong_every=100)
+    ones = torch.ones_like(ids)
+    none = LogitsProcessorList()
     generated, acceptance, _ = static_loop.generate_static(
-        target, draft, ids, 12, False, LogitsProcessorList(), set(), None, False, ("greedy",), draft_tokens=draft_tokens
+        target, draft, ids, ones, 12, False, none, set(), None, False, ("g",), draft_tokens=draft_tokens
     )
-    assert generated == expected
+    assert generated == [expected]
     lengths = acceptance.rows[0].acceptance_lengths
     # every round but the budget-cut last one emits all verified drafts plus the target's token
     assert sum(lengths) == 11 and all(length == draft_tokens + 1 for length in lengths[:-1])
@@ -245,6 +254,7 @@ def test_fewer_drafted_tokens_and_plain_decoding_on_the_static_path(draft_tokens
         target,
         draft,
         ids,
+        ones,
         12,
         True,
         sampling_processors(True, 0.8, 10, None),
@@ -254,7 +264,7 @@ def test_fewer_drafted_tokens_and_plain_decoding_on_the_static_path(draft_tokens
         ("t",),
         draft_tokens=draft_tokens,
     )
-    assert len(sampled) == 12
+    assert len(sampled[0]) == 12
 
 
 @pytest.mark.parametrize("rule", ["position", "survival"])
@@ -283,8 +293,6 @@ def test_unsupported_settings_are_refused_with_the_way_out():
     target = tiny_llama(seed=11)
     draft = tiny_draft(target)
     ids = prompt(4)
-    with pytest.raises(ValueError, match="batch 1"):
-        speculative_generate(target, draft, ids.repeat(2, 1), static_cache=True)
     with pytest.raises(ValueError, match="needs a CUDA target"):
         speculative_generate(target, draft, ids, static_cache=True, cuda_graphs=True)
     with pytest.raises(ValueError, match="needs static_cache=True"):
@@ -310,3 +318,35 @@ def test_a_step_whose_capture_fails_warns_once_and_runs_eagerly():
         step()
     step()
     assert len(calls) == 2 and step.graph is None and step.failure
+
+
+def test_a_row_that_finished_first_stays_inside_the_caches_while_the_others_run():
+    """A row that ends with a fully accepted block has moved past its budget; it keeps verifying (fixed shapes) while
+    slower rows finish, so the caches must hold those extra writes. The prompt width puts prompt + budget + one block
+    exactly at the 128-entry bucket, where a cache sized for one row alone would overflow."""
+    target = tiny_llama(seed=21)
+    draft = tiny_draft(target, block_size=5, markov_rank=4)
+    count = draft.config.num_draft_tokens
+    max_new_tokens = 2 + 4 * (count + 1)  # row 0's last round starts one token before its budget, then accepts all
+    ids = torch.cat([prompt(30, seed=1), prompt(30, seed=2)])
+    width = 128 - max_new_tokens - (count + 1)
+    ids = torch.cat([ids] * 4, dim=1)[:, :width]
+    # the truth runs on past the budget, so row 0's last block is accepted whole
+    truth = [plain_greedy(target, ids[row : row + 1], max_new_tokens + 2 * count) for row in range(2)]
+    expected = [tokens[:max_new_tokens] for tokens in truth]
+    vocab = draft.config.vocab_size
+
+    def block_logits(draft_hidden):  # row 0: always the truth (fast); row 1: always wrong (one token per round)
+        runner = list(static_loop._RUNNERS[draft].values())[-1]
+        produced = (runner.buffers.length - width + 1).tolist()
+        logits = torch.zeros(2, draft_hidden.shape[1], vocab)
+        for slot in range(draft_hidden.shape[1]):
+            logits[0, slot, truth[0][min(produced[0] + slot, len(truth[0]) - 1)]] = 30.0
+            logits[1, slot, (truth[1][min(produced[1] + slot, len(truth[1]) - 1)] + 1) % vocab] = 30.0
+        return logits
+
+    draft.block_logits = block_logits
+    out = speculative_generate(target, draft, ids, max_new_tokens=max_new_tokens, static_cache=True, return_stats=True)
+    assert out.generated == expected
+    rows = out.stats["per_row"]
+    assert max(rows[0]["acceptance_lengths"]) == count + 1 and max(rows[1]["acceptance_lengths"]) == 1

@@ -25,7 +25,6 @@ from .bootstrap import percentile_interval, resample_indices
 from .progress import progress_bar
 
 BATCH_ONE_ONLY_NOTE = "transformers' assisted generation (draft, DFlash, prompt lookup) supports batch size 1 only"
-STATIC_LOOP_NOTE = "the fixed-shape path of dspark's loop (static_cache=True) supports batch size 1 only"
 
 
 @dataclass
@@ -327,7 +326,7 @@ def generation_methods(
 ) -> list[GenerationMethod]:
     """Greedy generation methods by name: `plain` target.generate; `assisted` target.generate(assistant_model=draft)
     (the draft's Markov head); `loop` dspark's own loop; `loop_static` the same loop on its fixed-shape path
-    (static caches, CUDA graphs on a GPU; batch 1); `lookup` prompt lookup decoding; `dflash`
+    (static caches, CUDA graphs on a GPU); `lookup` prompt lookup decoding; `dflash`
     target.generate(assistant_model=draft, speculation_type="dflash")."""
     from ..speculative import speculative_generate
 
@@ -376,9 +375,7 @@ def generation_methods(
         "plain": lambda: GenerationMethod("plain", through_generate()),
         "assisted": lambda: GenerationMethod("assisted", through_generate(assistant_model=draft), batch_one_only=True),
         "loop": lambda: GenerationMethod("loop", own_loop(static_cache=False)),
-        "loop_static": lambda: GenerationMethod(
-            "loop_static", own_loop(static_cache=True), batch_one_only=True, batch_one_reason=STATIC_LOOP_NOTE
-        ),
+        "loop_static": lambda: GenerationMethod("loop_static", own_loop(static_cache=True)),
         "lookup": lambda: GenerationMethod(
             "lookup", through_generate(prompt_lookup_num_tokens=lookup_tokens), batch_one_only=True
         ),
