@@ -315,6 +315,7 @@ def speculative_generate(
     on_round: RoundCallback | None = None,
     static_cache: bool = False,
     cuda_graphs: bool | None = None,
+    compile_steps: bool = False,
 ) -> torch.Tensor | SpeculativeOutput:
     """Generate with `draft` proposing and `target` verifying; greedy output equals the target's own, sampling is exact.
 
@@ -326,6 +327,8 @@ def speculative_generate(
     static_cache=True: the fast path of `dspark.static_loop` (attention-only targets with sdpa or eager attention,
     any batch): preallocated caches and fixed shapes every round. cuda_graphs (default: on for CUDA targets when
     static_cache=True) captures its draft and verify steps as CUDA graphs; it needs static_cache=True and CUDA.
+    compile_steps=True (static_cache=True only) runs both steps through `torch.compile` first, which fuses the small
+    kernels a graph would still replay one by one; the first call per setting compiles (tens of seconds).
     Unsupported settings raise a ValueError that names the way out.
     """
     if draft.target is not target:
@@ -353,6 +356,8 @@ def speculative_generate(
     )
     attention_mask = attention_mask.long()
     use_graphs = resolve_cuda_graphs(target, static_cache, cuda_graphs)
+    if compile_steps and not static_cache:
+        raise ValueError("dspark: compile_steps=True needs static_cache=True (it compiles the fixed-shape steps)")
     if static_cache:
         from .static_loop import check_static_support  # static_loop imports RoundEvent from this module
 
@@ -368,6 +373,7 @@ def speculative_generate(
                 use_graphs=use_graphs,
                 key=sampling_key,
                 on_round=on_round,
+                compile_steps=compile_steps,
             )
         ]
     elif target_is_stateful(target):

@@ -118,9 +118,10 @@ class StaticSpeculativeRunner:
         use_graphs: bool,
         key: tuple = (),
         draft_tokens: int | None = None,
+        compile_steps: bool = False,
     ):
         self.key = key  # what `runner_for` compares to decide whether a later call can reuse this runner
-        self.use_graphs, self.draft_tokens = use_graphs, draft_tokens
+        self.use_graphs, self.draft_tokens, self.compile_steps = use_graphs, draft_tokens, compile_steps
         self.target, self.draft = target, draft
         self.processors, self.do_sample = processors, do_sample
         self.batch, self.max_len = batch, max_len
@@ -156,11 +157,20 @@ class StaticSpeculativeRunner:
         # The draft cache also holds a whole verify block of context and the drafted block beyond the sequence.
         draft_len = bucket_length(max_len + self.queries + self.slots, 16)
         self.draft_cache = StaticDraftCache(draft.config, draft_len, draft.dtype, device, batch)
+        draft_fn, verify_fn = self.draft_into_buffers, self.verify_into_buffers
+        if compile_steps:
+            # Fuses the many small kernels of an eager forward (norms, rotary, activations, residuals) that the graph
+            # replay would still run one by one; compiled on the first (warm-up) call, before any capture. Plain
+            # decoding's draft step does nothing: compiling it would give dynamo an empty frame of the same code,
+            # which makes it re-trace the real draft steps of other runners on every call.
+            verify_fn = torch.compile(verify_fn, dynamic=False)
+            if self.count > 0:
+                draft_fn = torch.compile(draft_fn, dynamic=False)
         # plain decoding (count 0) drafts nothing: a graph of it would be empty, which CUDA warns about
         self.draft_step = GraphedStep(
-            lambda: self.draft_into_buffers(self.buffers.context), use_graphs and self.count > 0, name="draft step"
+            lambda: draft_fn(self.buffers.context), use_graphs and self.count > 0, name="draft step"
         )
-        self.verify_step = GraphedStep(self.verify_into_buffers, use_graphs, name="verify step")
+        self.verify_step = GraphedStep(verify_fn, use_graphs, name="verify step")
 
     # -- prefill (eager: its shape is the prompt's) ------------------------------------------------------------------
 
@@ -295,17 +305,18 @@ def runner_for(
     use_graphs: bool,
     sampling_key: tuple,
     draft_tokens: int | None = None,
+    compile_steps: bool = False,
 ) -> StaticSpeculativeRunner:
-    """The runner for this setting (target, batch, sampling, graphs, draft tokens) if its caches hold `needed` tokens,
-    else a new one in its place (a longer one: graphs are captured once per setting and cache length)."""
+    """The runner for this setting (target, batch, sampling, graphs, draft tokens, compiling) if its caches hold
+    `needed` tokens, else a new one in its place (a longer one: graphs are captured once per setting and length)."""
     runners = _RUNNERS.setdefault(draft, {})
-    key = (id(target), batch, sampling_key, use_graphs, draft_tokens, target.dtype, str(target.device))
+    key = (id(target), batch, sampling_key, use_graphs, draft_tokens, compile_steps, target.dtype, str(target.device))
     runner = runners.get(key)
     if runner is None or runner.max_len < needed:
         runners.pop(key, None)  # free the old graphs and caches before allocating new ones
         max_len = bucket_length(needed)
         runner = StaticSpeculativeRunner(
-            target, draft, batch, max_len, processors, do_sample, use_graphs, key, draft_tokens
+            target, draft, batch, max_len, processors, do_sample, use_graphs, key, draft_tokens, compile_steps
         )
         runners[key] = runner
     return runner
@@ -326,20 +337,24 @@ def generate_static(
     sampling_key: tuple,
     on_event=None,
     draft_tokens: int | None = None,
+    compile_steps: bool = False,
 ) -> tuple[list[list[int]], AcceptanceStats, dict[str, float]]:
     """Rows [B, P] (left-padded where attention_mask is 0) through the static loop; returns (generated tokens per
     row, acceptance stats, seconds per phase).
 
     `on_event(row, accepted, rejected, next_token, emitted, first)` is called per row and round (and for the
     prefill's token). `draft_tokens` verifies fewer than the draft's N tokens per round; 0 is plain decoding (one
-    target forward per token, no draft), the baseline of the graph path itself.
+    target forward per token, no draft), the baseline of the graph path itself. `compile_steps` runs the draft and
+    verify steps through `torch.compile` (then, on CUDA, captures the compiled kernels as graphs).
     """
     batch = input_ids.shape[0]
     # A row's last round may keep a whole block past its budget (up to P + max_new_tokens + N entries), and in a
     # batch it then keeps verifying Q more entries while other rows finish.
     queries = draft.config.num_draft_tokens + 1
     needed = input_ids.shape[1] + max_new_tokens + 2 * queries
-    runner = runner_for(target, draft, batch, needed, processors, do_sample, use_graphs, sampling_key, draft_tokens)
+    runner = runner_for(
+        target, draft, batch, needed, processors, do_sample, use_graphs, sampling_key, draft_tokens, compile_steps
+    )
     acceptance = AcceptanceStats(num_slots=runner.count)
     seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "commit": 0.0}
 

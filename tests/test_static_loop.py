@@ -350,3 +350,38 @@ def test_a_row_that_finished_first_stays_inside_the_caches_while_the_others_run(
     assert out.generated == expected
     rows = out.stats["per_row"]
     assert max(rows[0]["acceptance_lengths"]) == count + 1 and max(rows[1]["acceptance_lengths"]) == 1
+
+
+def test_compiled_steps_emit_what_the_eager_steps_emit():
+    """compile_steps=True runs the draft and verify steps through torch.compile (inductor, also on CPU): the same
+    tokens and the same per-row acceptance as the uncompiled static path, with rows of different prompt lengths."""
+    target = tiny_llama(seed=22)
+    draft = tiny_draft(target, block_size=4, markov_rank=4)
+    ids = torch.cat([prompt(9, seed=5), prompt(9, seed=6)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    runs = [
+        speculative_generate(
+            target, draft, ids, mask, max_new_tokens=24, static_cache=True, compile_steps=compiled, return_stats=True
+        )
+        for compiled in (False, True)
+    ]
+    assert runs[1].generated == runs[0].generated
+    assert runs[1].stats["per_row"] == runs[0].stats["per_row"]
+    compiled_runner = [runner for runner in static_loop._RUNNERS[draft].values() if runner.compile_steps]
+    assert len(compiled_runner) == 1
+    # A compiled plain-decoding runner beside it must not make dynamo trace the speculative runner's steps again.
+    static_loop.generate_static(
+        target, draft, ids, mask, 8, False, LogitsProcessorList(), set(), None, False, ("g",), draft_tokens=0,
+        compile_steps=True,
+    )  # fmt: skip
+    traced = torch._dynamo.utils.counters["stats"]["calls_captured"]
+    again = speculative_generate(target, draft, ids, mask, max_new_tokens=24, static_cache=True, compile_steps=True)
+    assert torch.equal(again, runs[0].sequences)
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] == traced
+
+
+def test_compiling_needs_the_static_path():
+    target = tiny_llama(seed=23)
+    with pytest.raises(ValueError, match="compile_steps=True needs static_cache=True"):
+        speculative_generate(target, tiny_draft(target), prompt(4), max_new_tokens=4, compile_steps=True)
