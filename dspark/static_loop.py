@@ -34,11 +34,12 @@ from .modeling_dspark import (
     DSparkDraftModel,
     ProcessorTokenChooser,
     cache_keyword,
+    confidence_stop_lengths,
     extract_target_features,
     target_is_stateful,
 )
 from .static_cache import StaticDraftCache, additive_mask, bucket_length, causal_key_mask, row_static_cache
-from .verify import Verdict, accept_prefix, verify
+from .verify import Verdict, verify
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -64,22 +65,6 @@ def check_static_support(target) -> None:
             f"dspark: static_cache=True needs a 4-D attention mask, which attn_implementation={implementation!r} does "
             f"not take; load the target with attn_implementation in {SUPPORTED_ATTENTION}, or use static_cache=False."
         )
-
-
-def confidence_lengths(confidence: torch.Tensor | None, count: int, config) -> torch.Tensor | None:
-    """[B, N] per-slot confidence -> [B] tokens each row proposes, without a host sync.
-
-    The same rule as `DSparkDraftModel.draft_block` (stop at the first slot k > 0 whose score is below the
-    threshold), which breaks out of its loop once all rows stopped and so cannot be captured; here the whole block is
-    drafted and the stop is applied afterwards. Returns None when no confidence stop applies (all N proposed).
-    """
-    threshold = config.confidence_threshold
-    if confidence is None or threshold <= 0:
-        return None
-    score = confidence if config.confidence_stop == "position" else confidence.cumprod(dim=-1)
-    keep = score >= threshold
-    keep[:, 0] = True  # every row proposes at least one token
-    return accept_prefix(keep[:, :count])
 
 
 @dataclass
@@ -235,11 +220,11 @@ class StaticSpeculativeRunner:
         )
         b.block_tokens.copy_(block.tokens)
         b.q_logits.copy_(block.q_logits)
-        lengths = confidence_lengths(block.confidence, self.count, draft.config)
-        if lengths is None:
+        threshold = draft.config.confidence_threshold
+        if block.confidence is None or threshold <= 0:
             b.proposed.fill_(self.count)
-        else:
-            b.proposed.copy_(lengths)
+        else:  # draft_block's stop rule, applied after the whole block was drafted
+            b.proposed.copy_(confidence_stop_lengths(block.confidence, threshold, draft.config.confidence_stop))
 
     def verify_into_buffers(self) -> None:
         """Verify step: the target over [anchor, N drafted] of each row at cache indices length .. length + N (its

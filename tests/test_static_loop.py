@@ -16,8 +16,8 @@ from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 import dspark.speculative as dynamic_loop
 import dspark.static_loop as static_loop
 from dspark.cuda_graphs import GraphedStep
+from dspark.modeling_dspark import confidence_stop_lengths
 from dspark.speculative import sampling_processors, speculative_generate
-from dspark.static_loop import confidence_lengths
 
 
 def prompt(length: int, seed: int = 0, vocab: int = 100) -> torch.Tensor:
@@ -268,7 +268,7 @@ def test_fewer_drafted_tokens_and_plain_decoding_on_the_static_path(draft_tokens
 
 
 @pytest.mark.parametrize("rule", ["position", "survival"])
-def test_confidence_lengths_follow_the_draft_block_stop_rule(rule):
+def test_stopping_after_the_whole_block_gives_the_lengths_of_stopping_while_drafting(rule):
     target = tiny_llama(seed=10)
     draft = tiny_draft(
         target, block_size=6, markov_rank=4, enable_confidence_head=True, confidence_threshold=0.5, confidence_stop=rule
@@ -284,7 +284,7 @@ def test_confidence_lengths_follow_the_draft_block_stop_rule(rule):
 
     reference = draft.draft_block(hidden, anchors, greedy)
     full = draft.draft_block(hidden, anchors, greedy, confidence_threshold=0.0)
-    lengths = confidence_lengths(full.confidence, full.tokens.shape[1], draft.config)
+    lengths = confidence_stop_lengths(full.confidence, draft.config.confidence_threshold, rule)
     assert torch.equal(lengths, reference.lengths)
     assert len(set(lengths.tolist())) > 1, "the test must cover rows that stop at different slots"
 

@@ -422,6 +422,19 @@ class DSparkDraftOutput(ModelOutput):
     cache: Cache | None = None
 
 
+def confidence_stop_lengths(confidence: torch.Tensor, threshold: float, rule: str) -> torch.Tensor:
+    """[B, n] per-slot acceptance confidences -> [B] tokens each row proposes (1 .. n).
+
+    A row stops at the first slot k > 0 whose score falls below `threshold`: the slot's own confidence
+    (rule "position") or the probability that every slot up to it is accepted, their running product ("survival").
+    Every row proposes at least one token. No host sync, so it also runs inside captured CUDA graphs.
+    """
+    score = confidence if rule == "position" else confidence.cumprod(dim=-1)
+    keep = score >= threshold
+    keep[:, 0] = True
+    return keep.long().cumprod(dim=1).sum(dim=1)
+
+
 @dataclass
 class DraftBlock:
     """Tokens proposed in one round.
@@ -842,33 +855,28 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         count = draft_hidden.shape[1] if max_tokens is None else min(max_tokens, draft_hidden.shape[1])
         threshold = self.config.confidence_threshold if confidence_threshold is None else confidence_threshold
         use_confidence = self.confidence_head is not None
+        stops = use_confidence and threshold > 0
         base_logits = self.block_logits(draft_hidden[:, :count])
         batch = draft_hidden.shape[0]
         previous = anchor_ids
         lengths = torch.full((batch,), count, dtype=torch.long, device=draft_hidden.device)
-        stopped = torch.zeros(batch, dtype=torch.bool, device=draft_hidden.device)
-        survival = torch.ones(batch, device=draft_hidden.device)
         tokens, q_logits, confidences = [], [], []
         for slot in range(count):
             hidden = draft_hidden[:, slot]
             if use_confidence:
-                confidence = self.slot_confidence(previous, hidden)
-                survival = survival * confidence
-                if threshold > 0 and slot > 0:
-                    score = confidence if self.config.confidence_stop == "position" else survival
-                    newly_stopped = (score < threshold) & ~stopped
-                    lengths = torch.where(newly_stopped, torch.full_like(lengths, slot), lengths)
-                    stopped = stopped | newly_stopped
-                    if bool(stopped.all()):
-                        break
-                confidences.append(confidence)
+                confidences.append(self.slot_confidence(previous, hidden))
+                if stops:
+                    rule = self.config.confidence_stop
+                    lengths = confidence_stop_lengths(torch.stack(confidences, dim=1), threshold, rule)
+                    if bool((lengths <= slot).all()):
+                        break  # every row stopped before this slot: drafting it would be wasted
             processed, previous = choose_token(self.slot_logits(base_logits[:, slot], previous, hidden))
             tokens.append(previous)
             q_logits.append(processed)
         return DraftBlock(
             tokens=torch.stack(tokens, dim=1),
             q_logits=torch.stack(q_logits, dim=1),
-            confidence=torch.stack(confidences, dim=1) if confidences else None,
+            confidence=torch.stack(confidences[: len(tokens)], dim=1) if confidences else None,
             lengths=lengths.clamp(max=len(tokens)),
         )
 
