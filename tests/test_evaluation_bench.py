@@ -8,6 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from dspark.evaluation.bench import (
     GenerationMethod,
@@ -34,8 +35,9 @@ class FakeClock:
 
 
 class Workload:
-    def __init__(self, index: int, batch_size: int = 1):
+    def __init__(self, index: int, batch_size: int = 1, width: int = 4):
         self.index, self.batch_size = index, batch_size
+        self.input_ids = torch.zeros(batch_size, width, dtype=torch.long)
 
 
 def fake_method(
@@ -73,7 +75,7 @@ def test_runs_follow_the_schedule_after_one_untimed_warm_up_per_method():
     clock, calls = FakeClock(), []
     methods = [fake_method("A", clock, 1.0, 10, calls), fake_method("B", clock, 0.5, 10, calls)]
     measurements = run_abba(methods, [Workload(0), Workload(1)], rounds=2, clock=clock)
-    # warm-ups (A, B) on the first workload only, then A B | B A on each workload
+    # warm-ups (A, B) on the longest (here the first) workload only, then A B | B A on each workload
     assert calls == [(0, "A"), (0, "B"), (0, "A"), (0, "B"), (0, "B"), (0, "A"), (1, "A"), (1, "B"), (1, "B"), (1, "A")]
     assert [(m.workload, m.round, m.order, m.method) for m in measurements[:4]] == [
         (0, 0, 0, "A"),
@@ -82,6 +84,16 @@ def test_runs_follow_the_schedule_after_one_untimed_warm_up_per_method():
         (0, 1, 1, "A"),
     ]
     assert all(m.seconds == (1.0 if m.method == "A" else 0.5) and m.tokens == 10 for m in measurements)
+
+
+def test_each_batch_size_warms_up_on_its_longest_prompt():
+    """The static loop sizes its caches (graphs, compiled steps) for the longest prompt it has seen: warming up on
+    the longest keeps that work out of the timed runs."""
+    clock, calls = FakeClock(), []
+    workloads = [Workload(0, width=3), Workload(1, width=9), Workload(2, width=5), Workload(3, batch_size=2, width=2)]
+    run_abba([fake_method("A", clock, 1.0, 10, calls)], workloads, rounds=1, clock=clock)
+    # batch 1: warm-up on workload 1 (width 9), then one timed run each; batch 2: its only workload, twice
+    assert calls == [(1, "A"), (0, "A"), (1, "A"), (2, "A"), (3, "A"), (3, "A")]
 
 
 def test_aggregation_on_synthetic_timings_and_a_failed_run_is_reported_not_averaged():

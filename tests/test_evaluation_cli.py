@@ -110,6 +110,18 @@ def test_dspark_eval_names_a_draft_that_does_not_fit(checkpoints, tmp_path, caps
     assert "draft 'wrong'" in capsys.readouterr().err
 
 
+def test_dspark_bench_times_the_compiled_static_loop_on_a_batch(checkpoints, tmp_path):
+    """`loop_static_compiled`: our static loop with its steps through torch.compile, compiled in the warm-up."""
+    out = tmp_path / "bench"
+    arguments = ["bench", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft")]
+    arguments += ["--methods", "plain,loop_static_compiled", "--batch-sizes", "2", "--rounds", "1"]
+    arguments += ["--max-new-tokens", "6", "--prompts", "mt_bench", "--limit", "1", "--bootstrap-replicates", "50"]
+    assert main([*arguments, "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    compiled = json.loads((out / "bench.json").read_text())["local"]["summary"]["2"]["loop_static_compiled"]
+    assert compiled["runs"] == 1 and compiled["failed_runs"] == 0
+    assert compiled["token_match"]["rate"] == 1.0 and compiled["acceptance_length"] >= 1.0
+
+
 def test_dspark_bench_runs_every_method_in_abba_order_and_checks_outputs(checkpoints, tmp_path):
     out = tmp_path / "bench"
     code = main(
