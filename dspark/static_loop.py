@@ -278,6 +278,10 @@ class StaticSpeculativeRunner:
 
 # draft -> {setting key: runner}. Weak on the draft, so dropping the models frees caches and graphs.
 _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Each runner holds full-length caches for its batch (an 8B target at batch 32 and 1k tokens: ~5 GB), so only the
+# most recently used settings stay; an evicted one is rebuilt (and recaptured) when it is asked for again. Eight
+# covers a benchmark that interleaves every static-path variant at one batch size.
+MAX_RUNNERS_PER_DRAFT = 8
 
 
 def runner_for(
@@ -296,14 +300,16 @@ def runner_for(
     `needed` tokens, else a new one in its place (a longer one: graphs are captured once per setting and length)."""
     runners = _RUNNERS.setdefault(draft, {})
     key = (id(target), batch, sampling_key, use_graphs, draft_tokens, compile_steps, target.dtype, str(target.device))
-    runner = runners.get(key)
+    runner = runners.pop(key, None)  # re-inserted below: the dict's order is least recently used first
     if runner is None or runner.max_len < needed:
-        runners.pop(key, None)  # free the old graphs and caches before allocating new ones
+        runner = None  # free the old graphs and caches before allocating new ones
+        while len(runners) >= MAX_RUNNERS_PER_DRAFT:
+            runners.pop(next(iter(runners)))
         max_len = bucket_length(needed)
         runner = StaticSpeculativeRunner(
             target, draft, batch, max_len, processors, do_sample, use_graphs, key, draft_tokens, compile_steps
         )
-        runners[key] = runner
+    runners[key] = runner
     return runner
 
 

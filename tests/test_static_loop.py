@@ -385,3 +385,15 @@ def test_compiling_needs_the_static_path():
     target = tiny_llama(seed=23)
     with pytest.raises(ValueError, match="compile_steps=True needs static_cache=True"):
         speculative_generate(target, tiny_draft(target), prompt(4), max_new_tokens=4, compile_steps=True)
+
+
+def test_only_the_most_recently_used_settings_keep_their_caches():
+    target = tiny_llama(seed=24)
+    draft = tiny_draft(target, block_size=3)
+    ids = prompt(5, seed=7)
+    cap = static_loop.MAX_RUNNERS_PER_DRAFT
+    # batch 1 is used again before the cap is reached, so batch 2 is the least recently used when batch cap + 1 comes
+    for batch in (1, 2, *range(3, cap + 1), 1, cap + 1):
+        speculative_generate(target, draft, ids.repeat(batch, 1), max_new_tokens=3, static_cache=True)
+    batches = [runner.batch for runner in static_loop._RUNNERS[draft].values()]
+    assert batches == [*range(3, cap + 1), 1, cap + 1]
