@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="loop: dspark's own loop (any target); loop_static: its fixed-shape path (static caches, CUDA graphs on "
         "a GPU; attention-only targets); assisted: target.generate(assistant_model=draft)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --method loop_static: run its draft and verify steps through torch.compile (compiled in the "
+        "warm-up, tens of seconds)",
+    )
     parser.add_argument("--no-compare", action="store_true", help="skip the plain-decoding comparison")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON at the end")
 
@@ -98,6 +104,7 @@ def run_speculative(args, target, tokenizer, draft, ids, stream: TextStream) -> 
             return_stats=True,
             on_round=lambda event: stream.add(event.emitted),
             static_cache=args.method == "loop_static",
+            compile_steps=args.compile,
             **sampling_arguments(args),
         )
         synchronize(target.device)
@@ -163,26 +170,36 @@ def run_plain(args, target, ids) -> tuple[list[int], float]:
     return sequences[0, ids.shape[1] :].tolist(), time.perf_counter() - started
 
 
-def warm_up(target, draft, ids, method: str, max_new_tokens: int) -> None:
+def warm_up(target, draft, ids, args: argparse.Namespace) -> None:
     """One pass of each path, so that one-off costs (allocations, kernel choice) do not skew the comparison.
 
-    The fixed-shape path warms up at the run's own length: its caches and CUDA graphs are sized by it, and a server
-    would have paid for them once, before the first request."""
+    The fixed-shape path warms up with the run's own length and sampling setting: its caches, CUDA graphs and compiled
+    steps are made for exactly that, as a server would have made them once, before the first request."""
     from .speculative import speculative_generate
 
-    static = method == "loop_static"
-    speculative_generate(target, draft, ids, max_new_tokens=max_new_tokens if static else 4, static_cache=static)
+    static = args.method == "loop_static"
+    speculative_generate(
+        target,
+        draft,
+        ids,
+        max_new_tokens=args.max_new_tokens if static else 4,
+        static_cache=static,
+        compile_steps=args.compile,
+        **sampling_arguments(args),
+    )
     target.generate(ids, max_new_tokens=4, do_sample=False)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError("dspark generate: --max-new-tokens must be >= 1")
+    if args.compile and args.method != "loop_static":
+        raise ValueError("dspark generate: --compile needs --method loop_static (it compiles the fixed-shape steps)")
     device = torch.device(args.device)
     print(f"loading target={args.target} draft={args.draft} on {device} ...", file=sys.stderr)
     target, tokenizer, draft = pair.load_pair(args.target, args.draft, device=device, dtype=args.dtype)
     ids = prompt_ids(tokenizer, args.prompt, args.raw, device)
-    warm_up(target, draft, ids, args.method, args.max_new_tokens)
+    warm_up(target, draft, ids, args)
 
     stream = TextStream(tokenizer)
     tokens, stats = run_speculative(args, target, tokenizer, draft, ids, stream)

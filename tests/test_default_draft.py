@@ -119,7 +119,15 @@ def test_the_shipped_draft_loads_through_automodel_offline_without_the_package(t
 
 
 @needs_smollm2
-@pytest.mark.parametrize("method", [[], ["--method", "loop_static"]], ids=["defaults", "loop_static"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        [],
+        ["--method", "loop_static"],
+        pytest.param(["--method", "loop_static", "--compile"], marks=pytest.mark.slow),
+    ],
+    ids=["defaults", "loop_static", "loop_static-compiled"],
+)
 def test_dspark_generate_with_defaults_runs_end_to_end_offline(tmp_path, method):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TRANSFORMERS_VERBOSITY="error")
     completed = subprocess.run(

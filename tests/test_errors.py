@@ -158,3 +158,10 @@ def test_tensor_shapes_that_disagree_with_the_config_are_refused(saved_draft, tm
 
     with pytest.raises(ValueError, match=r"do not match its config.json"):
         AutoModel.from_pretrained(_variant(saved_draft, tmp_path, reshape_fc), trust_remote_code=True)
+
+
+def test_generate_compile_without_the_static_path_is_refused_before_loading(capsys):
+    from dspark.cli import main
+
+    assert main(["generate", "hello", "--compile", "--target", "/nonexistent/target"]) == 2
+    assert "--compile needs --method loop_static" in capsys.readouterr().err
