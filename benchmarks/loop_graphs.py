@@ -24,6 +24,8 @@ step with its host read-back, and the per-round overhead: round wall time - (dra
 Checks: token identity of each method's output with hf_generate's, and of loop_static with loop_static_eager (the
 graph must replay exactly what the eager static step computes).
 Targets of issue #3: decode_graph >= 5x hf_generate; per-round overhead < 10%; verify within 1.5x of its roofline.
+Batches of the same paths are timed by `dspark bench --methods plain,loop,loop_static,loop_static_compiled
+--batch-sizes 1 4 16 32` (scripts/device/smollm2_pipeline.sh speed runs both).
 """
 
 from __future__ import annotations
