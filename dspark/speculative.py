@@ -211,10 +211,15 @@ def _clone_states(states: dict) -> dict:
 
 
 def rewind_and_replay(target, state: LoopState, snapshot: RecurrentStateSnapshot, tokens, verdict) -> None:
-    """Hybrid targets: undo the verify forward, then run the target over the kept tokens only (batch of one row)."""
-    snapshot.rewind()
+    """Hybrid targets: undo the verify forward, then run the target over the kept tokens only (batch of one row).
+
+    When every verified token is kept (the whole block accepted), the verify forward already left the recurrent
+    states and attention caches where the replay would: nothing is undone and no second forward runs."""
     keep = int(verdict.accepted[0]) + 1
     state.target_keys = torch.cat([state.target_keys, state.target_keys.new_ones(1, keep)], dim=1)
+    if keep == tokens.shape[1]:
+        return
+    snapshot.rewind()
     target(
         input_ids=tokens[:, :keep],
         attention_mask=state.target_keys,

@@ -263,6 +263,25 @@ def test_hybrid_target_greedy_matches_plain_generate_after_partial_acceptances(s
     assert max(lengths) > 1 and min(lengths[:-1]) < draft.config.num_draft_tokens + 1, "needs partial acceptances"
 
 
+def test_hybrid_target_skips_the_replay_when_the_whole_block_is_kept(monkeypatch):
+    """A fully accepted block leaves the recurrent state where a replay would: one target forward per such round."""
+    target = tiny_qwen35(seed=2)
+    draft = tiny_draft(target, block_size=3, markov_rank=4)
+    prompt = torch.randint(0, 128, (6,), generator=torch.Generator().manual_seed(2))
+    expected = plain_greedy(target, prompt, 30)
+    Oracle(draft, [expected], wrong_every=4, monkeypatch=monkeypatch)  # some rounds all right, some with a wrong slot
+    forwards = []
+    original_forward = target.forward
+    monkeypatch.setattr(target, "forward", lambda *a, **k: forwards.append(1) or original_forward(*a, **k))
+    out = speculative_generate(target, draft, prompt[None], max_new_tokens=30, return_stats=True)
+    assert out.generated == [expected]
+    lengths = out.stats["per_row"][0]["acceptance_lengths"]
+    full = sum(length == draft.config.num_draft_tokens + 1 for length in lengths)
+    assert 0 < full < len(lengths), "needs rounds with and without a fully accepted block"
+    # the prefill, one verify per round, and a replay only after rounds that rejected something
+    assert len(forwards) == 1 + len(lengths) + (len(lengths) - full)
+
+
 def test_hybrid_target_batches_rows_of_different_lengths():
     target = tiny_qwen35(seed=4)
     draft = tiny_draft(target, block_size=4, markov_rank=4)
