@@ -157,6 +157,28 @@ class StaticSpeculativeRunner:
         )
         self.verify_step = GraphedStep(verify_fn, use_graphs, name="verify step")
 
+    def prepare(self) -> None:
+        """Compile and capture both steps now, on the zeroed buffers, rather than in whichever later round first
+        needs them: a generation that stops after its first round never runs the draft step, and a warm-up made of
+        such generations would leave the capture (or compilation) to a timed run.
+
+        Harmless to the generations that follow: the prefill and the first round rewrite the counters and the cache
+        entries a real round reads, and whatever this call wrote beyond them stays masked until it is overwritten;
+        the random-number state is put back, so a seeded sampled run draws the same whether its runner is new or not.
+        """
+        if not (self.use_graphs or self.compile_steps):
+            return  # eager steps: nothing to prepare
+        device = self.buffers.anchor.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # One eager pass first, so lazy initialisations (the target cache's buffers, the draft's rotary table)
+            # happen outside the compiled code: compiled against them uninitialised, it would compile again.
+            if self.count > 0:
+                self.draft_into_buffers(self.buffers.context)
+            self.verify_into_buffers()
+            if self.count > 0:
+                self.draft_step()
+            self.verify_step()
+
     # -- prefill (eager: its shape is the prompt's) ------------------------------------------------------------------
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -309,6 +331,8 @@ def runner_for(
         runner = StaticSpeculativeRunner(
             target, draft, batch, max_len, processors, do_sample, use_graphs, key, draft_tokens, compile_steps
         )
+        runners[key] = runner
+        runner.prepare()
     runners[key] = runner
     return runner
 

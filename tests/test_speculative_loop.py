@@ -54,6 +54,8 @@ class Oracle:
         def block_logits(draft_hidden):
             if static_width is not None:
                 self.produced = produced_by_static_rows()
+                if min(self.produced) < 1:  # the runner preparing its steps on zeroed counters: not a round
+                    return torch.zeros(*draft_hidden.shape[:2], vocab)
             self.calls += 1
             batch, slots, _ = draft_hidden.shape
             logits = torch.zeros(batch, slots, vocab)

@@ -48,10 +48,12 @@ class StaticOracle:
                 return int(runner.buffers.length) - prompt_length + 1
 
         def block_logits(draft_hidden):
-            self.calls += 1
-            self.hidden.append(draft_hidden.clone())
             produced_count = produced()
             logits = torch.zeros(1, draft_hidden.shape[1], vocab)
+            if produced_count < 1:
+                return logits  # the runner preparing its steps on zeroed counters: not a round
+            self.calls += 1
+            self.hidden.append(draft_hidden.clone())
             for slot in range(draft_hidden.shape[1]):
                 index = produced_count + slot
                 truth = continuation[index] if index < len(continuation) else 0
@@ -340,6 +342,8 @@ def test_a_row_that_finished_first_stays_inside_the_caches_while_the_others_run(
         runner = list(static_loop._RUNNERS[draft].values())[-1]
         produced = (runner.buffers.length - width + 1).tolist()
         logits = torch.zeros(2, draft_hidden.shape[1], vocab)
+        if min(produced) < 1:
+            return logits  # the runner preparing its steps on zeroed counters: not a round
         for slot in range(draft_hidden.shape[1]):
             logits[0, slot, truth[0][min(produced[0] + slot, len(truth[0]) - 1)]] = 30.0
             logits[1, slot, (truth[1][min(produced[1] + slot, len(truth[1]) - 1)] + 1) % vocab] = 30.0
@@ -397,3 +401,17 @@ def test_only_the_most_recently_used_settings_keep_their_caches():
         speculative_generate(target, draft, ids.repeat(batch, 1), max_new_tokens=3, static_cache=True)
     batches = [runner.batch for runner in static_loop._RUNNERS[draft].values()]
     assert batches == [*range(3, cap + 1), 1, cap + 1]
+
+
+def test_a_new_runner_prepares_both_steps_even_if_its_first_generation_stops_after_one_round():
+    """The draft step first runs in round two; a warm-up that stops after one round would leave its compilation
+    (or graph capture) to a later, timed call. The runner prepares both steps when it is made."""
+    target = tiny_llama(seed=25)
+    draft = tiny_draft(target, block_size=4, markov_rank=4)
+    ids = prompt(6, seed=8)
+    one_round = speculative_generate(target, draft, ids, max_new_tokens=2, static_cache=True, compile_steps=True)
+    traced = torch._dynamo.utils.counters["stats"]["calls_captured"]
+    longer = speculative_generate(target, draft, ids, max_new_tokens=12, static_cache=True, compile_steps=True)
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] == traced
+    assert torch.equal(longer[:, : one_round.shape[1]], one_round)
+    assert len(static_loop._RUNNERS[draft]) == 1
