@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .modeling_dspark import accept_prefix  # one definition, shared with the draft's confidence stop
+
 
 @dataclass
 class Verdict:
@@ -26,11 +28,6 @@ class Verdict:
 def _slots(lengths: torch.Tensor, count: int) -> torch.Tensor:
     """[B, count] True where the slot was actually proposed (slot < row length)."""
     return torch.arange(count, device=lengths.device)[None] < lengths[:, None]
-
-
-def accept_prefix(matches: torch.Tensor) -> torch.Tensor:
-    """[B, N] per-slot acceptance -> [B] length of the accepted prefix (a rejection ends the block)."""
-    return matches.long().cumprod(dim=1).sum(dim=1)
 
 
 def verify_greedy(draft_tokens: torch.Tensor, draft_lengths: torch.Tensor, target_logits: torch.Tensor) -> Verdict:

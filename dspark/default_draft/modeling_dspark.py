@@ -422,6 +422,12 @@ class DSparkDraftOutput(ModelOutput):
     cache: Cache | None = None
 
 
+def accept_prefix(matches: torch.Tensor) -> torch.Tensor:
+    """[B, N] per-slot flags -> [B] length of each row's leading run of True (a rejection ends the accepted block,
+    a low confidence ends the proposed one)."""
+    return matches.long().cumprod(dim=1).sum(dim=1)
+
+
 def confidence_stop_lengths(confidence: torch.Tensor, threshold: float, rule: str) -> torch.Tensor:
     """[B, n] per-slot acceptance confidences -> [B] tokens each row proposes (1 .. n).
 
@@ -432,7 +438,7 @@ def confidence_stop_lengths(confidence: torch.Tensor, threshold: float, rule: st
     score = confidence if rule == "position" else confidence.cumprod(dim=-1)
     keep = score >= threshold
     keep[:, 0] = True
-    return keep.long().cumprod(dim=1).sum(dim=1)
+    return accept_prefix(keep)
 
 
 @dataclass
