@@ -364,23 +364,21 @@ def speculative_generate(
     if compile_steps and not static_cache:
         raise ValueError("dspark: compile_steps=True needs static_cache=True (it compiles the fixed-shape steps)")
     if static_cache:
-        from .static_loop import check_static_support  # static_loop imports RoundEvent from this module
+        from .static_loop import check_static_support, generate_static  # static_loop imports RoundEvent from here
 
         check_static_support(target)
-        sampling_key = (do_sample, temperature, top_k, top_p)
-        runs = [
-            _generate_static(
-                target,
-                draft,
-                input_ids,
-                attention_mask,
-                **settings,
-                use_graphs=use_graphs,
-                key=sampling_key,
-                on_round=on_round,
-                compile_steps=compile_steps,
-            )
-        ]
+        generated, acceptance, seconds = generate_static(
+            target,
+            draft,
+            input_ids,
+            attention_mask,
+            **settings,
+            use_graphs=use_graphs,
+            sampling_key=(do_sample, temperature, top_k, top_p),
+            on_round=on_round,
+            compile_steps=compile_steps,
+        )
+        runs = [RunResult(generated, acceptance, seconds)]
     elif target_is_stateful(target):
         # Recurrent state is rewound per row (kept lengths differ), so hybrid rows run one at a time.
         rows = [input_ids[row : row + 1, attention_mask[row].bool()] for row in range(input_ids.shape[0])]
@@ -409,23 +407,6 @@ def resolve_cuda_graphs(target, static_cache: bool, cuda_graphs: bool | None) ->
     if cuda_graphs and not on_cuda:
         raise ValueError(f"dspark: cuda_graphs=True needs a CUDA target (the target is on {target.device})")
     return cuda_graphs
-
-
-def _generate_static(target, draft, input_ids, attention_mask, **settings):
-    """The batch through `dspark.static_loop`, reported like `_generate`."""
-    from .static_loop import generate_static
-
-    on_round = settings.pop("on_round")
-
-    def on_event(row, accepted, rejected, next_token, emitted, first):
-        if on_round is not None:
-            on_round(RoundEvent(row, accepted, rejected, next_token, emitted, first=first))
-
-    settings["sampling_key"] = settings.pop("key")
-    generated, acceptance, seconds = generate_static(
-        target, draft, input_ids, attention_mask, **settings, on_event=on_event
-    )
-    return RunResult(generated, acceptance, seconds)
 
 
 def _renumber(on_round: RoundCallback | None, row: int) -> RoundCallback | None:

@@ -38,6 +38,7 @@ from .modeling_dspark import (
     extract_target_features,
     target_is_stateful,
 )
+from .speculative import RoundCallback, RoundEvent
 from .static_cache import StaticDraftCache, additive_mask, bucket_length, causal_key_mask, row_static_cache
 from .verify import Verdict, verify
 
@@ -170,11 +171,13 @@ class StaticSpeculativeRunner:
             return  # eager steps: nothing to prepare
         device = self.buffers.anchor.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            # One eager pass first, so lazy initialisations (the target cache's buffers, the draft's rotary table)
-            # happen outside the compiled code: compiled against them uninitialised, it would compile again.
-            if self.count > 0:
-                self.draft_into_buffers(self.buffers.context)
-            self.verify_into_buffers()
+            if self.compile_steps:
+                # One eager pass first, so lazy initialisations (the target cache's buffers, the draft's rotary
+                # table) happen outside the compiled code: compiled against them uninitialised, it would compile
+                # again. (A graph capture needs none: its warm-up calls run eagerly before recording.)
+                if self.count > 0:
+                    self.draft_into_buffers(self.buffers.context)
+                self.verify_into_buffers()
             if self.count > 0:
                 self.draft_step()
             self.verify_step()
@@ -323,7 +326,8 @@ def runner_for(
     runners = _RUNNERS.setdefault(draft, {})
     key = (id(target), batch, sampling_key, use_graphs, draft_tokens, compile_steps, target.dtype, str(target.device))
     runner = runners.pop(key, None)  # re-inserted below: the dict's order is least recently used first
-    if runner is None or runner.max_len < needed:
+    fresh = runner is None or runner.max_len < needed
+    if fresh:
         runner = None  # free the old graphs and caches before allocating new ones
         while len(runners) >= MAX_RUNNERS_PER_DRAFT:
             runners.pop(next(iter(runners)))
@@ -331,9 +335,9 @@ def runner_for(
         runner = StaticSpeculativeRunner(
             target, draft, batch, max_len, processors, do_sample, use_graphs, key, draft_tokens, compile_steps
         )
-        runners[key] = runner
-        runner.prepare()
     runners[key] = runner
+    if fresh:
+        runner.prepare()
     return runner
 
 
@@ -350,15 +354,15 @@ def generate_static(
     generator: torch.Generator | None,
     use_graphs: bool,
     sampling_key: tuple,
-    on_event=None,
+    on_round: RoundCallback | None = None,
     draft_tokens: int | None = None,
     compile_steps: bool = False,
 ) -> tuple[list[list[int]], AcceptanceStats, dict[str, float]]:
     """Rows [B, P] (left-padded where attention_mask is 0) through the static loop; returns (generated tokens per
     row, acceptance stats, seconds per phase).
 
-    `on_event(row, accepted, rejected, next_token, emitted, first)` is called per row and round (and for the
-    prefill's token). `draft_tokens` verifies fewer than the draft's N tokens per round; 0 is plain decoding (one
+    `on_round` receives a `RoundEvent` per row and round (and one for the prefill's token), as in the dynamic loop.
+    `draft_tokens` verifies fewer than the draft's N tokens per round; 0 is plain decoding (one
     target forward per token, no draft), the baseline of the graph path itself. `compile_steps` runs the draft and
     verify steps through `torch.compile` (then, on CUDA, captures the compiled kernels as graphs).
     """
@@ -378,9 +382,9 @@ def generate_static(
     generated = [[token] for token in runner.buffers.anchor.tolist()]
     finished = [tokens[0] in stop_ids or max_new_tokens <= 1 for tokens in generated]
     seconds["prefill"] = time.perf_counter() - started
-    if on_event is not None:
+    if on_round is not None:
         for row, tokens in enumerate(generated):
-            on_event(row, [], [], tokens[0], list(tokens), True)
+            on_round(RoundEvent(row, [], [], tokens[0], list(tokens), first=True))
     if any(finished):
         runner.stop_rows([row for row, done in enumerate(finished) if done])
     first_round = True
@@ -411,8 +415,8 @@ def generate_static(
                     newly_finished.append(row)
                     break
             emitted_counts[row] = len(emitted)
-            if on_event is not None:
-                on_event(row, drafted[:accepted], drafted[accepted:proposed], next_token, emitted, False)
+            if on_round is not None:
+                on_round(RoundEvent(row, drafted[:accepted], drafted[accepted:proposed], next_token, emitted))
         if newly_finished:
             runner.stop_rows(newly_finished)
         accepted_counts = torch.tensor([summary[0] for summary in summaries])
