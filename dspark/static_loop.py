@@ -21,11 +21,13 @@ draft cache lengths.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import compile_regions
 from transformers import LogitsProcessorList
 
 from .acceptance import AcceptanceStats
@@ -87,6 +89,15 @@ class StaticBuffers:
     features: torch.Tensor  # [B, Q, F] target features of the verify block
 
 
+@contextlib.contextmanager
+def recompile_limit(limit: int):
+    """Let dynamo compile one code object up to `limit` times (for shapes) before it falls back to eager code."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    with config.patch({name: max(limit, getattr(config, name))}):
+        yield
+
+
 class StaticSpeculativeRunner:
     """Caches, buffers and (on CUDA) captured graphs for one (target, draft, batch, cache length, sampling setting).
 
@@ -143,20 +154,22 @@ class StaticSpeculativeRunner:
         # The draft cache also holds a whole verify block of context and the drafted block beyond the sequence.
         draft_len = bucket_length(max_len + self.queries + self.slots, 16)
         self.draft_cache = StaticDraftCache(draft.config, draft_len, draft.dtype, device, batch)
-        draft_fn, verify_fn = self.draft_into_buffers, self.verify_into_buffers
-        if compile_steps:
-            # Fuses the many small kernels of an eager forward (norms, rotary, activations, residuals) that the graph
-            # replay would still run one by one; compiled on the first (warm-up) call, before any capture. Plain
-            # decoding's draft step does nothing: compiling it would give dynamo an empty frame of the same code,
-            # which makes it re-trace the real draft steps of other runners on every call.
-            verify_fn = torch.compile(verify_fn, dynamic=False)
-            if self.count > 0:
-                draft_fn = torch.compile(draft_fn, dynamic=False)
+        draft_fn = self.draft_into_buffers
+        # The model the verify step runs. Compiling fuses the many small kernels of an eager forward (norms, rotary,
+        # activations, residuals) that a graph replay would still run one by one. The target is compiled by regions
+        # (each repeated decoder layer, and the modules around them): its layers share one compiled code, so a
+        # 36-layer target compiles in seconds where the whole verify step took over a minute (measured on a CPU).
+        self.verify_target = compile_regions(target, dynamic=False) if compile_steps else target
+        if compile_steps and self.count > 0:
+            # The draft is small: its whole step compiles, Markov sampling included. Plain decoding's draft step does
+            # nothing: compiling it would give dynamo an empty frame of the same code, which makes it re-trace the
+            # real draft steps of other runners on every call.
+            draft_fn = torch.compile(draft_fn, dynamic=False)
         # plain decoding (count 0) drafts nothing: a graph of it would be empty, which CUDA warns about
         self.draft_step = GraphedStep(
             lambda: draft_fn(self.buffers.context), use_graphs and self.count > 0, name="draft step"
         )
-        self.verify_step = GraphedStep(verify_fn, use_graphs, name="verify step")
+        self.verify_step = GraphedStep(self.verify_into_buffers, use_graphs, name="verify step")
 
     def prepare(self) -> None:
         """Compile and capture both steps now, on the zeroed buffers, rather than in whichever later round first
@@ -170,14 +183,16 @@ class StaticSpeculativeRunner:
         if not (self.use_graphs or self.compile_steps):
             return  # eager steps: nothing to prepare
         device = self.buffers.anchor.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # Compiling happens here and only here (later calls hit dynamo's cache): every runner's shapes are new code
+        # for the shared layer code, beyond dynamo's default of 8 compilations per code object.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), recompile_limit(256):
             if self.compile_steps:
                 # One eager pass first, so lazy initialisations (the target cache's buffers, the draft's rotary
                 # table) happen outside the compiled code: compiled against them uninitialised, it would compile
                 # again. (A graph capture needs none: its warm-up calls run eagerly before recording.)
                 if self.count > 0:
                     self.draft_into_buffers(self.buffers.context)
-                self.verify_into_buffers()
+                self.verify_into_buffers(self.target)
             if self.count > 0:
                 self.draft_step()
             self.verify_step()
@@ -251,14 +266,16 @@ class StaticSpeculativeRunner:
         else:  # draft_block's stop rule, applied after the whole block was drafted
             b.proposed.copy_(confidence_stop_lengths(block.confidence, threshold, draft.config.confidence_stop))
 
-    def verify_into_buffers(self) -> None:
+    def verify_into_buffers(self, model=None) -> None:
         """Verify step: the target over [anchor, N drafted] of each row at cache indices length .. length + N (its
-        positions minus the padding); logits and features into the buffers."""
+        positions minus the padding); logits and features into the buffers. `model`: the target itself, or (by
+        default) the one the step runs, compiled with compile_steps."""
+        model = self.verify_target if model is None else model
         b = self.buffers
         b.target_write.copy_(b.length)
         b.target_mask.copy_(self.format_mask(causal_key_mask(b.length, b.padding, self.queries, self.max_len)))
         offsets = torch.arange(self.queries, device=b.anchor.device)
-        out = self.target(
+        out = model(
             input_ids=torch.cat([b.anchor[:, None], b.block_tokens], dim=1),
             attention_mask=b.target_mask,
             position_ids=(b.length - b.padding)[:, None] + offsets,
