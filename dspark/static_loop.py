@@ -171,6 +171,7 @@ class StaticSpeculativeRunner:
         )
         self.verify_step = GraphedStep(self.verify_into_buffers, use_graphs, name="verify step")
 
+    @torch.no_grad()
     def prepare(self) -> None:
         """Compile and capture both steps now, on the zeroed buffers, rather than in whichever later round first
         needs them: a generation that stops after its first round never runs the draft step, and a warm-up made of
@@ -179,6 +180,8 @@ class StaticSpeculativeRunner:
         Harmless to the generations that follow: the prefill and the first round rewrite the counters and the cache
         entries a real round reads, and whatever this call wrote beyond them stays masked until it is overwritten;
         the random-number state is put back, so a seeded sampled run draws the same whether its runner is new or not.
+        Runs without autograd whatever the caller's mode: code compiled with gradients on would compile again (and
+        count against dynamo's recompile limit) when the generation runs without them.
         """
         if not (self.use_graphs or self.compile_steps):
             return  # eager steps: nothing to prepare

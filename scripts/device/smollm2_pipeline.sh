@@ -8,7 +8,7 @@
 #   bash scripts/device/smollm2_pipeline.sh blocks   # block-size sweep: DSpark 1L at blocks 4/8/16 + DFlash-only at 8
 #   bash scripts/device/smollm2_pipeline.sh measure  # dspark eval (all drafts) + dspark bench + the 8B cost model
 #   bash scripts/device/smollm2_pipeline.sh speed    # issue #3: our loop's paths with the shipped draft, batches
-#                                                    # 1/4/16/32, and the graph/compiled paths on SmolLM2 and 8B
+#                                                    # 1/4/16/32, and the graph/compiled paths on SmolLM2
 #
 # Stages that train restore $DATA from $DATA_ARCHIVE (committed) or, without it, run `data` first.
 # Everything worth keeping is copied to $OUT (at most 8 files of 16 MiB); /tmp survives only while the machine stays
@@ -133,15 +133,16 @@ case "$1" in
     ;;
   speed)
     # Needs only the staged GGUF and the shipped draft (no training). About 8 minutes on an H200:
-    # bench 4 batch sizes x 4 methods (2 prompts, ABBA, 64 tokens; the compiled steps compile in the warm-up),
-    # then the batch-1 graph / compiled paths on SmolLM2 and on the Qwen3-8B shape (random weights).
+    # bench 4 batch sizes x 4 methods (2 prompts, ABBA, 64 tokens; the compiled steps compile in the warm-up, ~40 s
+    # per batch size), then the batch-1 graph / compiled paths on SmolLM2. The Qwen3-8B shape is a separate call:
+    # `python3 benchmarks/loop_graphs.py --targets qwen3-8b --out $OUT/lg` (no GGUF needed, ~2 minutes).
     common=(--device cuda --no-progress)
-    timeout 330 python3 -m dspark.cli bench --methods plain,loop,loop_static,loop_static_compiled \
+    timeout 290 python3 -m dspark.cli bench --methods plain,loop,loop_static,loop_static_compiled \
       --batch-sizes 1 4 16 32 --rounds 2 --limit 2 --max-new-tokens 64 --out /tmp/dspark_speed_bench "${common[@]}" \
       || echo "bench failed or timed out" >&2
-    timeout 200 python3 benchmarks/loop_graphs.py --targets smollm2 qwen3-8b --prompts 2 --repeats 1 \
-      --max-new-tokens 64 --random-max-new-tokens 48 --phase-repeats 10 --out /tmp/dspark_loop_graphs \
-      || echo "loop_graphs failed or timed out" >&2
+    timeout 190 python3 benchmarks/loop_graphs.py --targets smollm2 --prompts 2 --repeats 1 --max-new-tokens 64 \
+      --methods hf_generate loop_dynamic loop_static_eager loop_static decode_graph loop_static_compiled \
+      decode_graph_compiled --phase-repeats 10 --out /tmp/dspark_loop_graphs || echo "loop_graphs failed or timed out" >&2
     tar -czf "$OUT/speed.tar.gz" -C /tmp dspark_speed_bench dspark_loop_graphs 2>/dev/null || true
     ls -la "$OUT"
     ;;
