@@ -165,6 +165,9 @@ def test_dspark_bench_runs_every_method_in_abba_order_and_checks_outputs(checkpo
     for name in ("loop", "loop_static"):  # our loop runs batches on both paths
         assert double[name]["token_match"]["rate"] == 1.0 and double[name]["acceptance_length"] >= 1.0
     assert set(report["local"]["skipped"]["2"]) == {"assisted", "lookup"}
+    # written after batch size 1, before 2 started: what a benchmark killed by a time limit keeps
+    partial = json.loads((out / "bench.partial.json").read_text())
+    assert set(partial["local"]["summary"]) == {"1"} and partial["local"]["summary"]["1"] == single
     orders = [(m["workload"], m["round"], m["method"]) for m in report["local"]["measurements"] if m["batch_size"] == 1]
     assert [name for workload, _, name in orders if workload == 0] == [
         "plain",

@@ -442,8 +442,12 @@ def run_bench(
     confidence: float = 0.95,
     seed: int = 0,
     progress: bool = False,
+    on_batch_size: Callable[[dict], None] | None = None,
 ) -> dict:
-    """The whole benchmark: every batch size, ABBA rounds, summary and raw measurements (JSON-ready)."""
+    """The whole benchmark: every batch size, ABBA rounds, summary and raw measurements (JSON-ready).
+
+    `on_batch_size` receives the report of the batch sizes done so far after each one (a long benchmark killed by a
+    time limit keeps what it measured)."""
     if rounds < 1:
         raise ValueError(f"dspark bench: rounds={rounds} must be >= 1 (2 or more to pair A B with B A).")
     device = next(target.parameters()).device
@@ -457,13 +461,19 @@ def run_bench(
         lookup_tokens=lookup_tokens,
     )
     measurements, skipped = [], {}
-    for batch_size in batch_sizes:
+
+    def report() -> dict:
+        return {
+            "baseline": baseline,
+            "summary": summarize(measurements, baseline, replicates=replicates, confidence=confidence, seed=seed),
+            "skipped": skipped,
+            "measurements": [m.to_dict() for m in measurements],
+        }
+
+    for index, batch_size in enumerate(batch_sizes):
         workloads = prompt_workloads(prompts, prompt_ids, batch_size, pad_token_id, device)
         skipped[str(batch_size)] = skipped_methods(chosen, batch_size)
         measurements += run_abba(chosen, workloads, rounds, device, progress=progress)
-    return {
-        "baseline": baseline,
-        "summary": summarize(measurements, baseline, replicates=replicates, confidence=confidence, seed=seed),
-        "skipped": skipped,
-        "measurements": [m.to_dict() for m in measurements],
-    }
+        if on_batch_size is not None and index < len(batch_sizes) - 1:
+            on_batch_size(report())
+    return report()

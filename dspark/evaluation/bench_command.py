@@ -10,6 +10,7 @@ and OUT/throughput.png.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -62,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
 
 
+def write_partial(out: Path, payload: dict, local: dict) -> None:
+    """OUT/bench.partial.json: the batch sizes measured so far (the final bench.json replaces nothing else)."""
+    (out / "bench.partial.json").write_text(json.dumps({**payload, "local": local}, indent=1))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train.responses import encode_prompt, pad_token_id_for, stop_token_ids
 
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         replicates=args.bootstrap_replicates,
         seed=args.seed,
         progress=not args.no_progress,
+        on_batch_size=lambda partial: write_partial(out, payload, partial),
     )
     payload["serving"] = run_serving_bench(
         args.serving_spec_url,
