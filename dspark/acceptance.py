@@ -57,16 +57,6 @@ class AcceptanceStats:
                 self.position_attempts[slot] += 1
                 self.position_accepts[slot] += slot < kept
 
-    @classmethod
-    def concatenate(cls, parts: list[AcceptanceStats]) -> AcceptanceStats:
-        """Stats of several runs (e.g. rows generated one at a time) as one, rows in order."""
-        merged = cls(num_slots=parts[0].num_slots)
-        for part in parts:
-            merged.rows.extend(part.rows)
-            merged.position_attempts = [a + b for a, b in zip(merged.position_attempts, part.position_attempts)]
-            merged.position_accepts = [a + b for a, b in zip(merged.position_accepts, part.position_accepts)]
-        return merged
-
     def mean_acceptance_length(self) -> float:
         lengths = [length for row in self.rows for length in row.acceptance_lengths]
         return sum(lengths) / len(lengths) if lengths else 0.0

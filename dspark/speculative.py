@@ -8,14 +8,16 @@ whole verify block (anchor + N drafted slots) for every row, and entries that we
 to finished rows are masked out of attention by a per-row key mask. Positions (RoPE) follow each row's real tokens.
 
 Hybrid targets (Qwen3.5/3.6 linear attention) keep recurrent state that masking cannot undo: for them each round
-snapshots the recurrent states, verifies, restores the snapshot, trims the attention caches and replays only the kept
-tokens. Their rows run one at a time, since the kept lengths differ per row.
+snapshots the linear-attention states before verifying; afterwards rows that kept the whole block go on as they are,
+and the others are replayed from the snapshot over their kept tokens, one forward per distinct kept length (the rows
+of a batch share it); their attention entries are masked like everyone's.
 
 Shapes: B rows, P prompt length, N = draft.config.num_draft_tokens, S = draft block size, V vocabulary.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,51 +185,103 @@ def verify_round(target, draft, state: LoopState, block, processors, do_sample, 
 
 
 class RecurrentStateSnapshot:
-    """Copies of a hybrid cache's recurrent (conv and linear-attention) states and of its attention cache length."""
+    """A hybrid cache's linear-attention states (conv and recurrent) as they were before a verify forward, and the
+    number of attention entries then.
+
+    Attention entries need no snapshot: the verify block's entries stay in the cache and the rejected ones are masked
+    (as for attention-only targets). Recurrent state folds every token in, so it is what gets rolled back.
+    """
 
     def __init__(self, cache: DynamicCache):
         self.cache = cache
         self.attention_length = cache.get_seq_length()
-        self.saved = [
-            (layer, _clone_states(layer.conv_states), _clone_states(getattr(layer, "recurrent_states", {})))
+        self.saved = {
+            id(layer): (_clone_states(layer.conv_states), _clone_states(getattr(layer, "recurrent_states", {})))
             for layer in cache.layers
             if hasattr(layer, "conv_states")
-        ]
+        }
 
-    def rewind(self) -> None:
-        """Put the recurrent states back and drop attention entries added since the snapshot."""
-        for layer, conv, recurrent in self.saved:
-            layer.conv_states.update(_clone_states(conv))
-            if recurrent:
-                layer.recurrent_states.update(_clone_states(recurrent))
+    def restore_rows(self, rows: torch.Tensor) -> None:
+        """Put the saved states back in these rows, in place (the cache's tensors keep their addresses)."""
         for layer in self.cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
-                layer.keys = layer.keys[..., : self.attention_length, :]
-                layer.values = layer.values[..., : self.attention_length, :]
+            if id(layer) in self.saved:
+                conv, recurrent = self.saved[id(layer)]
+                _copy_rows(layer.conv_states, conv, rows)
+                _copy_rows(getattr(layer, "recurrent_states", {}), recurrent, rows)
+
+    def rows_before_verify(self, rows: torch.Tensor) -> DynamicCache:
+        """A cache of these rows as it was before the verify forward: attention entries up to the snapshot and the
+        saved linear states, all copies, so running the target on it leaves the shared cache untouched."""
+        view = copy.copy(self.cache)
+        view.layers = []
+        for layer in self.cache.layers:
+            part = copy.copy(layer)
+            if id(layer) in self.saved:
+                conv, recurrent = self.saved[id(layer)]
+                part.conv_states = _select_rows(conv, rows)
+                if recurrent:
+                    part.recurrent_states = _select_rows(recurrent, rows)
+            elif getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+                part.keys = layer.keys[rows, :, : self.attention_length]
+                part.values = layer.values[rows, :, : self.attention_length]
+            view.layers.append(part)
+        return view
+
+    def take_rows(self, replayed: DynamicCache, rows: torch.Tensor) -> None:
+        """Copy the linear states a replay left in `replayed` (from `rows_before_verify(rows)`) into these rows."""
+        for layer, part in zip(self.cache.layers, replayed.layers):
+            if id(layer) in self.saved:
+                _copy_rows(layer.conv_states, part.conv_states, rows)
+                _copy_rows(getattr(layer, "recurrent_states", {}), getattr(part, "recurrent_states", {}), rows)
 
 
 def _clone_states(states: dict) -> dict:
     return {index: None if state is None else state.clone() for index, state in states.items()}
 
 
-def rewind_and_replay(target, state: LoopState, snapshot: RecurrentStateSnapshot, tokens, verdict) -> None:
-    """Hybrid targets: undo the verify forward, then run the target over the kept tokens only (batch of one row).
+def _select_rows(states: dict, rows: torch.Tensor) -> dict:
+    return {index: None if state is None else state[rows] for index, state in states.items()}
 
-    When every verified token is kept (the whole block accepted), the verify forward already left the recurrent
-    states and attention caches where the replay would: nothing is undone and no second forward runs."""
-    keep = int(verdict.accepted[0]) + 1
-    state.target_keys = torch.cat([state.target_keys, state.target_keys.new_ones(1, keep)], dim=1)
-    if keep == tokens.shape[1]:
-        return
-    snapshot.rewind()
-    target(
-        input_ids=tokens[:, :keep],
-        attention_mask=state.target_keys,
-        position_ids=state.anchor_position[:, None] + torch.arange(keep, device=tokens.device),
-        **{state.cache_keyword: state.target_cache},
-        use_cache=True,
-        logits_to_keep=1,
-    )
+
+def _copy_rows(destination: dict, source: dict, rows: torch.Tensor) -> None:
+    """destination[i][rows] = source rows, for each state index; `source` holds either all rows or just `rows`."""
+    for index, state in source.items():
+        if state is None or destination.get(index) is None:
+            continue
+        destination[index][rows] = state if state.shape[0] == len(rows) else state[rows]
+
+
+def roll_back_recurrent_states(
+    target, state: LoopState, snapshot: RecurrentStateSnapshot, tokens, verdict, keys_before: torch.Tensor
+) -> None:
+    """Hybrid targets: the verify forward advanced every row's recurrent state over all Q verified tokens [B, Q]; each
+    row must continue from its kept ones (anchor + accepted).
+
+    Rows that kept all Q are already there (no forward). Rows finished before this round get the snapshot back (they
+    stand still). The rest are replayed from the snapshot over their kept tokens, one target forward per distinct
+    kept length, shared by the rows of that length; only their linear states are taken from the replay (the attention
+    entries of the kept tokens are the verify forward's). `keys_before`: [B, L0] the key mask before this round."""
+    full = tokens.shape[1]
+    keep = torch.where(state.finished, 0, verdict.accepted + 1).tolist()
+    device = tokens.device
+
+    def rows_with(length: int) -> torch.Tensor:
+        return torch.tensor([row for row, kept in enumerate(keep) if kept == length], device=device)
+
+    if 0 in keep:
+        snapshot.restore_rows(rows_with(0))
+    for length in sorted(set(keep) - {0, full}):
+        rows = rows_with(length)
+        replay_cache = snapshot.rows_before_verify(rows)
+        target(
+            input_ids=tokens[rows, :length],
+            attention_mask=torch.cat([keys_before[rows], keys_before.new_ones(len(rows), length)], dim=1),
+            position_ids=state.anchor_position[rows, None] + torch.arange(length, device=device),
+            **{state.cache_keyword: replay_cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        snapshot.take_rows(replay_cache, rows)
 
 
 def keep_verified_entries(state: LoopState, verdict, offsets) -> None:
@@ -378,23 +432,13 @@ def speculative_generate(
             on_round=on_round,
             compile_steps=compile_steps,
         )
-        runs = [RunResult(generated, acceptance, seconds)]
-    elif target_is_stateful(target):
-        # Recurrent state is rewound per row (kept lengths differ), so hybrid rows run one at a time.
-        rows = [input_ids[row : row + 1, attention_mask[row].bool()] for row in range(input_ids.shape[0])]
-        runs = [
-            _generate(target, draft, row, torch.ones_like(row), **settings, on_round=_renumber(on_round, index))
-            for index, row in enumerate(rows)
-        ]
+        run = RunResult(generated, acceptance, seconds)
     else:
-        runs = [_generate(target, draft, input_ids, attention_mask, **settings, on_round=on_round)]
-    generated = [tokens for run in runs for tokens in run.generated]
-    sequences = assemble(input_ids, generated, pad_token_id)
+        run = _generate(target, draft, input_ids, attention_mask, **settings, on_round=on_round)
+    sequences = assemble(input_ids, run.generated, pad_token_id)
     if not return_stats:
         return sequences
-    stats = AcceptanceStats.concatenate([run.acceptance for run in runs]).summary()
-    seconds = {phase: sum(run.seconds[phase] for run in runs) for phase in runs[0].seconds}
-    return SpeculativeOutput(sequences, generated, {**stats, "seconds": seconds})
+    return SpeculativeOutput(sequences, run.generated, {**run.acceptance.summary(), "seconds": run.seconds})
 
 
 def resolve_cuda_graphs(target, static_cache: bool, cuda_graphs: bool | None) -> bool:
@@ -409,18 +453,6 @@ def resolve_cuda_graphs(target, static_cache: bool, cuda_graphs: bool | None) ->
     return cuda_graphs
 
 
-def _renumber(on_round: RoundCallback | None, row: int) -> RoundCallback | None:
-    """Hybrid rows run one at a time as batches of one; report them under their row in the caller's batch."""
-    if on_round is None:
-        return None
-
-    def forward(event: RoundEvent) -> None:
-        event.row = row
-        on_round(event)
-
-    return forward
-
-
 @dataclass
 class RunResult:
     generated: list[list[int]]
@@ -431,7 +463,7 @@ class RunResult:
 def _generate(
     target, draft, input_ids, attention_mask, max_new_tokens, do_sample, processors, stop_ids, generator, on_round
 ):
-    """The loop for one batch whose rows can share the target cache (all rows, or one row of a hybrid target)."""
+    """The dynamic loop over one batch (attention-only and hybrid targets)."""
     stateful = target_is_stateful(target)
     acceptance = AcceptanceStats(num_slots=draft.config.num_draft_tokens)
     seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "commit": 0.0}
@@ -449,13 +481,13 @@ def _generate(
         tock = time.perf_counter()
         seconds["draft"] += tock - tick
         snapshot = RecurrentStateSnapshot(state.target_cache) if stateful else None
+        keys_before = state.target_keys
         verdict, proposed, features, offsets, tokens = verify_round(
             target, draft, state, block, processors, do_sample, generator
         )
+        keep_verified_entries(state, verdict, offsets)
         if stateful:
-            rewind_and_replay(target, state, snapshot, tokens, verdict)
-        else:
-            keep_verified_entries(state, verdict, offsets)
+            roll_back_recurrent_states(target, state, snapshot, tokens, verdict, keys_before)
         tick = time.perf_counter()
         seconds["verify"] += tick - tock
         active = ~state.finished

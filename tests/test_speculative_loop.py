@@ -181,28 +181,38 @@ def test_prompt_of_equal_lengths_needs_no_mask_and_returns_a_tensor():
     assert dspark.speculative_generate is speculative_generate
 
 
-def exact_two_token_distribution(target, prompt: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+def exact_continuation_distribution(
+    target, prompt: torch.Tensor, length: int, temperature: float, top_k: int | None
+) -> torch.Tensor:
+    """The target's exact joint distribution of its next `length` sampled tokens: a tensor [V] * length."""
     processors = loop.sampling_processors(True, temperature, top_k, None)
-    empty = torch.zeros(1, 0, dtype=torch.long)
+    vocab = target.config.vocab_size
+    joint = torch.ones(())
+    prefixes = prompt[None]  # every continuation so far, in row-major order of `joint`
     with torch.no_grad():
-        first = torch.softmax(processors(empty, target(prompt[None]).logits[:, -1].float()), -1)[0]
-        vocab = first.shape[0]
-        follow = torch.cat([prompt[None].repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)
-        second_logits = target(follow).logits[:, -1].float()
-        second = torch.softmax(processors(torch.zeros(vocab, 0, dtype=torch.long), second_logits), -1)
-    return first[:, None] * second
+        for _ in range(length):
+            logits = target(prefixes).logits[:, -1].float()
+            empty = torch.zeros(prefixes.shape[0], 0, dtype=torch.long)
+            step = torch.softmax(processors(empty, logits), -1)  # [prefixes, V]
+            joint = joint[..., None] * step.view(*joint.shape, vocab)
+            follow = torch.arange(vocab).repeat(prefixes.shape[0])[:, None]
+            prefixes = torch.cat([prefixes.repeat_interleave(vocab, 0), follow], dim=1)
+    return joint
 
 
-def sample_pairs(target, draft, prompt, samples: int, temperature: float, top_k: int | None) -> torch.Tensor:
-    counts = torch.zeros(target.config.vocab_size, target.config.vocab_size)
+def sample_continuations(
+    target, draft, prompt, samples: int, length: int, temperature: float, top_k: int | None
+) -> torch.Tensor:
+    """Counts [V] * length of the first `length` tokens our loop samples, in batches of 500 copies of the prompt."""
+    counts = torch.zeros([target.config.vocab_size] * length)
     batch = 500
     for _ in range(0, samples, batch):
         ids = prompt[None].repeat(batch, 1)
         out = speculative_generate(
-            target, draft, ids, max_new_tokens=2, do_sample=True, temperature=temperature, top_k=top_k
+            target, draft, ids, max_new_tokens=length, do_sample=True, temperature=temperature, top_k=top_k
         )
-        pairs = out[:, -2:]
-        counts.index_put_((pairs[:, 0], pairs[:, 1]), torch.ones(batch), accumulate=True)
+        tokens = out[:, prompt.shape[0] : prompt.shape[0] + length]
+        counts.index_put_(tuple(tokens.T), torch.ones(batch), accumulate=True)
     return counts
 
 
@@ -226,9 +236,9 @@ def test_speculative_sampling_reproduces_the_targets_distribution(temperature, t
     target = tiny_llama(seed=6, vocab_size=16)
     draft = tiny_draft(target, block_size=3, markov_rank=4)
     prompt = torch.tensor([3, 1, 4, 1, 5])
-    exact = exact_two_token_distribution(target, prompt, temperature, top_k)
+    exact = exact_continuation_distribution(target, prompt, 2, temperature, top_k)
     torch.manual_seed(0)
-    counts = sample_pairs(target, draft, prompt, 4000, temperature, top_k)
+    counts = sample_continuations(target, draft, prompt, 4000, 2, temperature, top_k)
     assert goodness_of_fit(counts, exact) > 1e-3
 
 
@@ -246,9 +256,9 @@ def test_a_draft_that_misreports_q_is_caught_by_the_same_test(monkeypatch):
 
     monkeypatch.setattr(draft, "draft_block", misreporting_draft_block)
     prompt = torch.tensor([3, 1, 4, 1, 5])
-    exact = exact_two_token_distribution(target, prompt, 0.9, None)
+    exact = exact_continuation_distribution(target, prompt, 2, 0.9, None)
     torch.manual_seed(0)
-    counts = sample_pairs(target, draft, prompt, 4000, 0.9, None)
+    counts = sample_continuations(target, draft, prompt, 4000, 2, 0.9, None)
     assert goodness_of_fit(counts, exact) < 1e-6
 
 
@@ -295,14 +305,64 @@ def test_hybrid_target_batches_rows_of_different_lengths():
     assert len(out.stats["per_row"]) == 3
 
 
-def test_hybrid_target_sampling_reproduces_the_targets_distribution():
+def sharp_tiny_qwen35():
+    """A tiny hybrid target whose next-token distribution depends visibly on its recurrent state: its output head is
+    scaled up (a random tiny model is otherwise nearly uniform whatever came before)."""
     target = tiny_qwen35(seed=6, vocab_size=8)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(20.0)
+    return target
+
+
+def test_hybrid_target_sampling_reproduces_the_targets_distribution():
+    """Three tokens: the third is sampled from a recurrent state rolled back after a partially accepted block (in
+    batches of 500 rows that kept different lengths)."""
+    target = sharp_tiny_qwen35()
     draft = tiny_draft(target, block_size=3, markov_rank=4)
     prompt = torch.tensor([3, 1, 4, 1, 5])
-    exact = exact_two_token_distribution(target, prompt, 0.9, None)
+    exact = exact_continuation_distribution(target, prompt, 3, 0.9, None)
     torch.manual_seed(0)
-    counts = sample_pairs(target, draft, prompt, 1000, 0.9, None)
+    counts = sample_continuations(target, draft, prompt, 5000, 3, 0.9, None)
     assert goodness_of_fit(counts, exact) > 1e-3
+
+
+def test_hybrid_target_sampling_test_detects_a_recurrent_state_that_is_not_rolled_back(monkeypatch):
+    """Negative control: keeping the verify forward's state (all Q tokens folded in) for every row must fail."""
+    monkeypatch.setattr(loop, "roll_back_recurrent_states", lambda *args: None)
+    target = sharp_tiny_qwen35()
+    draft = tiny_draft(target, block_size=3, markov_rank=4)
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    exact = exact_continuation_distribution(target, prompt, 3, 0.9, None)
+    torch.manual_seed(0)
+    counts = sample_continuations(target, draft, prompt, 5000, 3, 0.9, None)
+    assert goodness_of_fit(counts, exact) < 1e-6
+
+
+def test_hybrid_batch_replays_once_per_kept_length_not_once_per_row(monkeypatch):
+    """Rows of a hybrid batch that kept the same number of tokens share one replay forward; the output still equals
+    row-by-row plain greedy."""
+    target = tiny_qwen35(seed=5)
+    draft = tiny_draft(target, block_size=5, markov_rank=4)
+    generator = torch.Generator().manual_seed(4)
+    rows = [torch.randint(0, 128, (length,), generator=generator) for length in (6, 3, 8, 4)]
+    expected = [plain_greedy(target, row, 20) for row in rows]
+    # wrong slots depend on (round + row + slot) parity: rows 0 and 2 keep one length, rows 1 and 3 another
+    Oracle(draft, expected, wrong_every=2, monkeypatch=monkeypatch)
+    batch_sizes = []
+    original_forward = target.forward
+
+    def counting_forward(*args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])
+        return original_forward(*args, **kwargs)
+
+    monkeypatch.setattr(target, "forward", counting_forward)
+    ids, mask = left_padded(rows)
+    out = speculative_generate(target, draft, ids, mask, max_new_tokens=20, return_stats=True)
+    assert out.generated == expected
+    replays = [size for size in batch_sizes[1:] if size < len(rows)]  # the prefill and verifies run all 4 rows
+    assert replays and max(replays) == 2, "rows with the same kept length share a replay"
+    rounds = len(batch_sizes) - 1 - len(replays)
+    assert len(replays) <= rounds * 2 < rounds * len(rows)
 
 
 def test_right_padded_prompts_are_refused():
