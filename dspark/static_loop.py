@@ -157,8 +157,9 @@ class StaticSpeculativeRunner:
         draft_fn = self.draft_into_buffers
         # The model the verify step runs. Compiling fuses the many small kernels of an eager forward (norms, rotary,
         # activations, residuals) that a graph replay would still run one by one. The target is compiled by regions
-        # (each repeated decoder layer, and the modules around them): its layers share one compiled code, so a
-        # 36-layer target compiles in seconds where the whole verify step took over a minute (measured on a CPU).
+        # (each repeated decoder layer, and the modules around them): its layers share one compiled code, which
+        # halves the compile time of compiling the whole verify step (a 36-layer target on a CPU, cold: 23 s
+        # against ~55 s; on an H200 both steps of a Qwen3-8B shape compile in 45 s).
         self.verify_target = compile_regions(target, dynamic=False) if compile_steps else target
         if compile_steps and self.count > 0:
             # The draft is small: its whole step compiles, Markov sampling included. Plain decoding's draft step does
