@@ -132,14 +132,16 @@ case "$1" in
     ls -la "$OUT"
     ;;
   speed)
-    # Needs only the staged GGUF and the shipped draft (no training). About 8 minutes on an H200:
-    # bench 4 batch sizes x 4 methods (2 prompts, ABBA, 64 tokens; the compiled steps compile in the warm-up, ~40 s
-    # per batch size), then the batch-1 graph / compiled paths on SmolLM2. The Qwen3-8B shape is a separate call:
-    # `python3 benchmarks/loop_graphs.py --targets qwen3-8b --out $OUT/lg` (no GGUF needed, ~2 minutes).
+    # Needs only the staged GGUF and the shipped draft (no training). On an H200 (2026-12-02) the bench alone took
+    # 290 s without `assisted` (3 prompts at batch 1, one workload at 4/16/32, ABBA, 64 tokens; the compiled steps
+    # compile in the warm-up, ~30 s per batch size): give it a call of its own (SPEED_BENCH_ONLY=1
+    # BENCH_SECONDS=540), then the batch-1 graph / compiled paths on SmolLM2 (~2.5 minutes) in the next. The
+    # Qwen3-8B shape needs no GGUF: `python3 benchmarks/loop_graphs.py --targets qwen3-8b --out $OUT/lg` (~2 min).
     common=(--device cuda --no-progress)
-    # --limit 1: one prompt per set (3 workloads at batch 1, one at 4/16/32); bench.partial.json keeps the batch
-    # sizes done if the time limit strikes
-    timeout "${BENCH_SECONDS:-290}" python3 -m dspark.cli bench --methods plain,loop,loop_static,loop_static_compiled \
+    # bench.partial.json keeps the batch sizes done if the time limit strikes. `assisted` is
+    # target.generate(assistant_model=draft): batch 1 only, skipped with a note at larger batches.
+    timeout "${BENCH_SECONDS:-290}" python3 -m dspark.cli bench \
+      --methods plain,assisted,loop,loop_static,loop_static_compiled \
       --batch-sizes 1 4 16 32 --rounds 2 --limit 1 --max-new-tokens 64 --out /tmp/dspark_speed_bench "${common[@]}" \
       || echo "bench failed or timed out" >&2
     if [ "${SPEED_BENCH_ONLY:-0}" = 1 ]; then
