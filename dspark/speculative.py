@@ -453,6 +453,22 @@ def resolve_cuda_graphs(target, static_cache: bool, cuda_graphs: bool | None) ->
     return cuda_graphs
 
 
+class PhaseClock:
+    """Adds the wall time since the previous lap to the named phase of `seconds`."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds = seconds
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
+
+    def skip(self) -> None:
+        self.last = time.perf_counter()
+
+
 @dataclass
 class RunResult:
     generated: list[list[int]]
@@ -466,7 +482,9 @@ def _generate(
     """The dynamic loop over one batch (attention-only and hybrid targets)."""
     stateful = target_is_stateful(target)
     acceptance = AcceptanceStats(num_slots=draft.config.num_draft_tokens)
-    seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "commit": 0.0}
+    # wall seconds per phase (host clock: on a GPU, a phase's kernels may still run when the next phase starts, until
+    # its first read-back); rollback: hybrid targets' state snapshot and replay, 0 for attention-only targets
+    seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "rollback": 0.0, "commit": 0.0}
 
     started = time.perf_counter()
     state = prefill(target, draft, input_ids, attention_mask, processors, do_sample)
@@ -475,28 +493,29 @@ def _generate(
     if on_round is not None:
         for event in first_events:
             on_round(event)
+    clock = PhaseClock(seconds)
     while not bool(state.finished.all()):
-        tick = time.perf_counter()
         block = draft_round(draft, state, processors, do_sample)
-        tock = time.perf_counter()
-        seconds["draft"] += tock - tick
-        snapshot = RecurrentStateSnapshot(state.target_cache) if stateful else None
-        keys_before = state.target_keys
+        clock.lap("draft")
+        if stateful:
+            snapshot, keys_before = RecurrentStateSnapshot(state.target_cache), state.target_keys
+            clock.lap("rollback")
         verdict, proposed, features, offsets, tokens = verify_round(
             target, draft, state, block, processors, do_sample, generator
         )
         keep_verified_entries(state, verdict, offsets)
+        clock.lap("verify")
         if stateful:
             roll_back_recurrent_states(target, state, snapshot, tokens, verdict, keys_before)
-        tick = time.perf_counter()
-        seconds["verify"] += tick - tock
+            clock.lap("rollback")
         active = ~state.finished
         emitted = commit_round(state, block, verdict, features, offsets, (max_new_tokens, stop_ids))
         acceptance.record(verdict.accepted, proposed, active, emitted)
-        seconds["commit"] += time.perf_counter() - tick
+        clock.lap("commit")
         if on_round is not None:
             for event in round_events(block, verdict, proposed, active, emitted, state):
                 on_round(event)
+            clock.skip()  # the caller's callback is no phase of ours (it still counts in the total)
 
     seconds["total"] = time.perf_counter() - started
     return RunResult(state.generated, acceptance, seconds)

@@ -396,7 +396,7 @@ def generate_static(
         target, draft, batch, needed, processors, do_sample, use_graphs, sampling_key, draft_tokens, compile_steps
     )
     acceptance = AcceptanceStats(num_slots=runner.count)
-    seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "commit": 0.0}
+    seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "rollback": 0.0, "commit": 0.0}  # no rollback here
 
     started = time.perf_counter()
     prompt_features = runner.prefill(input_ids, attention_mask)

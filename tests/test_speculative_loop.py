@@ -142,7 +142,8 @@ def test_statistics_add_up_to_the_generated_tokens(static_cache, monkeypatch):
     assert sum(stats["acceptance_length_histogram"]) == stats["rounds"]
     per_position = stats["per_position_acceptance"]
     assert per_position[0] is not None and 0 < per_position[0] <= 1
-    assert set(stats["seconds"]) >= {"prefill", "draft", "verify", "commit", "total"}
+    assert set(stats["seconds"]) >= {"prefill", "draft", "verify", "rollback", "commit", "total"}
+    assert stats["seconds"]["rollback"] == 0.0  # attention-only: rejected entries are masked, nothing replayed
 
 
 @pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
@@ -351,6 +352,7 @@ def test_hybrid_batch_replays_once_per_kept_length_not_once_per_row(monkeypatch)
     ids, mask = left_padded(rows)
     out = speculative_generate(target, draft, ids, mask, max_new_tokens=20, return_stats=True)
     assert out.generated == expected
+    assert out.stats["seconds"]["rollback"] > 0
     replays = [size for size in batch_sizes[1:] if size < len(rows)]  # the prefill and verifies run all 4 rows
     assert replays and max(replays) == 2, "rows with the same kept length share a replay"
     rounds = len(batch_sizes) - 1 - len(replays)
