@@ -118,7 +118,8 @@ def measure_batch(target, draft, batch: int, args, device: torch.device) -> dict
             seconds[name].append(elapsed)
             if name == "loop":
                 stats = result.stats
-                count = max(stats["rounds"] // batch, 1)  # stats count a round once per row taking part
+                # loop iterations = the longest-running row's rounds (stats count a round once per row taking part)
+                count = max(max(len(row["acceptance_lengths"]) for row in stats["per_row"]), 1)
                 rounds.append(count)
                 acceptance.append(stats["mean_acceptance_length"])
                 for phase in PHASES:
