@@ -91,10 +91,16 @@ class StaticBuffers:
 
 @contextlib.contextmanager
 def recompile_limit(limit: int):
-    """Let dynamo compile one code object up to `limit` times (for shapes) before it falls back to eager code."""
+    """Let dynamo compile one code object up to `limit` times (for shapes) before it falls back to eager code, and the
+    whole process 16 times that (each runner adds one compilation per decoder layer: transformers' layers index the
+    cache by their layer number, which dynamo treats as a constant)."""
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
-    with config.patch({name: max(limit, getattr(config, name))}):
+    renamed = hasattr(config, "recompile_limit")  # torch 2.6 renamed cache_size_limit
+    limits = {
+        "recompile_limit" if renamed else "cache_size_limit": limit,
+        "accumulated_recompile_limit" if renamed else "accumulated_cache_size_limit": 16 * limit,
+    }
+    with config.patch({name: max(value, getattr(config, name)) for name, value in limits.items()}):
         yield
 
 

@@ -415,3 +415,13 @@ def test_a_new_runner_prepares_both_steps_even_if_its_first_generation_stops_aft
     assert torch._dynamo.utils.counters["stats"]["calls_captured"] == traced
     assert torch.equal(longer[:, : one_round.shape[1]], one_round)
     assert len(static_loop._RUNNERS[draft]) == 1
+
+
+def test_dynamos_compile_limits_are_raised_only_while_a_runner_prepares():
+    """Each compiled runner adds a compilation per decoder layer; past dynamo's defaults it would silently fall back to
+    eager code. The limits are raised for the preparation only, then put back."""
+    config = torch._dynamo.config
+    before = (config.recompile_limit, config.accumulated_recompile_limit)
+    with static_loop.recompile_limit(256):
+        assert config.recompile_limit >= 256 and config.accumulated_recompile_limit >= 16 * 256
+    assert (config.recompile_limit, config.accumulated_recompile_limit) == before
