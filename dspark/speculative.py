@@ -454,11 +454,15 @@ def resolve_cuda_graphs(target, static_cache: bool, cuda_graphs: bool | None) ->
 
 
 class PhaseClock:
-    """Adds the wall time since the previous lap to the named phase of `seconds`."""
+    """Wall seconds per phase of one generation (host clock: on a GPU a phase's kernels may still run when the next
+    phase starts, until its first read-back). Each lap adds the time since the previous lap to a phase. rollback:
+    hybrid targets' state snapshot and replay (0 for attention-only targets)."""
 
-    def __init__(self, seconds: dict[str, float]):
-        self.seconds = seconds
-        self.last = time.perf_counter()
+    PHASES = ("prefill", "draft", "verify", "rollback", "commit")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.started = self.last = time.perf_counter()
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
@@ -466,7 +470,12 @@ class PhaseClock:
         self.last = now
 
     def skip(self) -> None:
+        """Start the next lap now: what ran since the last one (a caller's callback) is no phase of ours."""
         self.last = time.perf_counter()
+
+    def finish(self) -> dict[str, float]:
+        """The phases and the whole generation's wall time ("total", callbacks included)."""
+        return {**self.seconds, "total": time.perf_counter() - self.started}
 
 
 @dataclass
@@ -482,18 +491,14 @@ def _generate(
     """The dynamic loop over one batch (attention-only and hybrid targets)."""
     stateful = target_is_stateful(target)
     acceptance = AcceptanceStats(num_slots=draft.config.num_draft_tokens)
-    # wall seconds per phase (host clock: on a GPU, a phase's kernels may still run when the next phase starts, until
-    # its first read-back); rollback: hybrid targets' state snapshot and replay, 0 for attention-only targets
-    seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "rollback": 0.0, "commit": 0.0}
-
-    started = time.perf_counter()
+    clock = PhaseClock()
     state = prefill(target, draft, input_ids, attention_mask, processors, do_sample)
     first_events = emit_first_tokens(state, max_new_tokens, stop_ids)
-    seconds["prefill"] = time.perf_counter() - started
+    clock.lap("prefill")
     if on_round is not None:
         for event in first_events:
             on_round(event)
-    clock = PhaseClock(seconds)
+        clock.skip()
     while not bool(state.finished.all()):
         block = draft_round(draft, state, processors, do_sample)
         clock.lap("draft")
@@ -515,7 +520,5 @@ def _generate(
         if on_round is not None:
             for event in round_events(block, verdict, proposed, active, emitted, state):
                 on_round(event)
-            clock.skip()  # the caller's callback is no phase of ours (it still counts in the total)
-
-    seconds["total"] = time.perf_counter() - started
-    return RunResult(state.generated, acceptance, seconds)
+            clock.skip()
+    return RunResult(state.generated, acceptance, clock.finish())

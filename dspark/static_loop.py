@@ -22,7 +22,6 @@ draft cache lengths.
 from __future__ import annotations
 
 import contextlib
-import time
 import weakref
 from dataclasses import dataclass
 
@@ -40,7 +39,7 @@ from .modeling_dspark import (
     extract_target_features,
     target_is_stateful,
 )
-from .speculative import RoundCallback, RoundEvent
+from .speculative import PhaseClock, RoundCallback, RoundEvent
 from .static_cache import StaticDraftCache, additive_mask, bucket_length, causal_key_mask, row_static_cache
 from .verify import Verdict, verify
 
@@ -402,32 +401,28 @@ def generate_static(
         target, draft, batch, needed, processors, do_sample, use_graphs, sampling_key, draft_tokens, compile_steps
     )
     acceptance = AcceptanceStats(num_slots=runner.count)
-    seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "rollback": 0.0, "commit": 0.0}  # no rollback here
-
-    started = time.perf_counter()
+    clock = PhaseClock()  # no rollback on this path: its targets have no recurrent state
     prompt_features = runner.prefill(input_ids, attention_mask)
     generated = [[token] for token in runner.buffers.anchor.tolist()]
     finished = [tokens[0] in stop_ids or max_new_tokens <= 1 for tokens in generated]
-    seconds["prefill"] = time.perf_counter() - started
+    clock.lap("prefill")
     if on_round is not None:
         for row, tokens in enumerate(generated):
             on_round(RoundEvent(row, [], [], tokens[0], list(tokens), first=True))
+        clock.skip()
     if any(finished):
         runner.stop_rows([row for row, done in enumerate(finished) if done])
     first_round = True
     while not all(finished):
-        tick = time.perf_counter()
         if first_round:
             runner.draft_into_buffers(prompt_features)  # the prompt's context has its own shape: eager
             first_round = False
         else:
             runner.draft_step()
-        tock = time.perf_counter()
-        seconds["draft"] += tock - tick
+        clock.lap("draft")
         runner.verify_step()
         summaries = runner.accept(generator)
-        tick = time.perf_counter()
-        seconds["verify"] += tick - tock
+        clock.lap("verify")
         took_part = [not done for done in finished]
         emitted_counts, newly_finished = [0] * batch, []
         for row, (accepted, next_token, proposed, *drafted) in enumerate(summaries):
@@ -449,6 +444,5 @@ def generate_static(
         accepted_counts = torch.tensor([summary[0] for summary in summaries])
         proposed_counts = torch.tensor([summary[2] for summary in summaries])
         acceptance.record(accepted_counts, proposed_counts, torch.tensor(took_part), emitted_counts)
-        seconds["commit"] += time.perf_counter() - tick
-    seconds["total"] = time.perf_counter() - started
-    return generated, acceptance, seconds
+        clock.lap("commit")  # the round's callbacks included: they run row by row inside the commit
+    return generated, acceptance, clock.finish()
