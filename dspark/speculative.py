@@ -206,8 +206,8 @@ class RecurrentStateSnapshot:
         for layer in self.cache.layers:
             if id(layer) in self.saved:
                 conv, recurrent = self.saved[id(layer)]
-                _copy_rows(layer.conv_states, conv, rows)
-                _copy_rows(getattr(layer, "recurrent_states", {}), recurrent, rows)
+                _copy_rows(layer.conv_states, _select_rows(conv, rows), rows)
+                _copy_rows(getattr(layer, "recurrent_states", {}), _select_rows(recurrent, rows), rows)
 
     def rows_before_verify(self, rows: torch.Tensor) -> DynamicCache:
         """A cache of these rows as it was before the verify forward: attention entries up to the snapshot and the
@@ -244,11 +244,10 @@ def _select_rows(states: dict, rows: torch.Tensor) -> dict:
 
 
 def _copy_rows(destination: dict, source: dict, rows: torch.Tensor) -> None:
-    """destination[i][rows] = source rows, for each state index; `source` holds either all rows or just `rows`."""
+    """destination[i][rows] = source[i] for each state index (source: [len(rows), ...], in place)."""
     for index, state in source.items():
-        if state is None or destination.get(index) is None:
-            continue
-        destination[index][rows] = state if state.shape[0] == len(rows) else state[rows]
+        if state is not None and destination.get(index) is not None:
+            destination[index][rows] = state
 
 
 def roll_back_recurrent_states(
@@ -285,7 +284,8 @@ def roll_back_recurrent_states(
 
 
 def keep_verified_entries(state: LoopState, verdict, offsets) -> None:
-    """Attention-only targets: keep the anchor and accepted entries of the verify block, mask the rest."""
+    """Keep the anchor and accepted entries of the verify block in the attention cache, mask the rest (every target;
+    hybrid targets also roll their recurrent state back)."""
     kept = (offsets[None] <= verdict.accepted[:, None]) & ~state.finished[:, None]
     state.target_keys = torch.cat([state.target_keys, kept.long()], dim=1)
 
