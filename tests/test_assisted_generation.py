@@ -153,6 +153,7 @@ class PathARecorder:
     """Wraps a Path-A draft's `generate` and `draft_block` (instance attributes) to record every drafting round.
 
     rounds: (input length, requested max_new_tokens, proposed candidates) per `draft.generate` call.
+    candidates: the candidate tokens of every `draft.generate` call.
     blocks: (input_ids, draft_hidden) per real (non-placeholder) block.
     With `oracle` set, the draft's `block_logits` is rigged: slot j of the round with sequence length L drafts the
     token at absolute position L + j.
@@ -162,6 +163,7 @@ class PathARecorder:
         self.draft = draft
         self.oracle = oracle
         self.rounds: list[tuple[int, int, int]] = []
+        self.candidates: list[list[int]] = []
         self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._input_ids: torch.Tensor | None = None
         original_generate = draft.generate
@@ -174,6 +176,7 @@ class PathARecorder:
             output = original_generate(input_ids, *args, **kwargs)
             proposed = output.sequences.shape[1] - input_ids.shape[1]
             self.rounds.append((input_ids.shape[1], kwargs.get("max_new_tokens"), proposed))
+            self.candidates.append(output.sequences[0, input_ids.shape[1] :].tolist())
             return output
 
         @functools.wraps(original_draft_block)
@@ -246,6 +249,7 @@ def run_rigged(target, draft, prompt, expected, path, corrupt_rate, seed=0, **kw
         recorder = PathARecorder.of(draft)
         recorder.oracle = oracle
         recorder.rounds.clear()
+        recorder.candidates.clear()
         context = contextlib.nullcontext()
     else:
         context = rigged_path_b(target, draft, oracle)
@@ -476,6 +480,7 @@ def processor_params() -> list:
 def test_greedy_with_logits_processors_matches_target(target_name, processor, path, draft_kind):
     target = TARGETS[target_name]()
     draft = make_draft(target, "markov", sample_from_anchor=path == "A")
+    stops_proposed = []
     for seed, length in ((6, 3), (7, 11)):
         prompt = make_prompt(seed, length, target.config.vocab_size)
         if processor == "eos_token_id":
@@ -490,12 +495,18 @@ def test_greedy_with_logits_processors_matches_target(target_name, processor, pa
         if draft_kind == "random":
             actual = generate(target, prompt, draft, path, max_new_tokens=40, **kwargs)
         else:
-            actual, forwards, _ = run_rigged(
+            actual, forwards, recorder = run_rigged(
                 target, draft, prompt, expected, path, 0.2, seed, max_new_tokens=40, **kwargs
             )
             assert forwards < 0.7 * (expected.shape[1] - length) + 1
+            if recorder is not None and processor == "eos_token_id":
+                # transformers 5.17 runs past a stop token accepted mid-block: candidates end at their first one
+                assert all(eos not in block[:-1] for block in recorder.candidates)
+                stops_proposed.append(any(block[-1:] == [eos] for block in recorder.candidates))
         assert_greedy_equal(target, expected, actual, length)
         assert actual.shape == expected.shape
+    if draft_kind == "rigged" and path == "A" and processor == "eos_token_id":
+        assert any(stops_proposed), "the rigged draft never proposed the stop token: the cut above went untested"
 
 
 # ----------------------------------------------------------------------------------------------------------------

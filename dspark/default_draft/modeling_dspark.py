@@ -1014,6 +1014,14 @@ class DSparkDraftModel(DSparkPreTrainedModel, GenerationMixin):
         chooser = ProcessorTokenChooser(input_ids, processors, bool(generation_config.do_sample))
         drafted = self.draft_block(output.draft_hidden_states, input_ids[:, -1], chooser, max_tokens=budget)
         length = int(drafted.lengths[0])
+        # Candidates end at their first stop token, as transformers' own assistants' do: its assisted loop (5.17)
+        # checks stop tokens on the last token of a round only, so a stop token accepted mid-block would be run past.
+        stop_ids = getattr(generation_config, "eos_token_id", None)
+        if stop_ids is not None:
+            stop_ids = torch.tensor(stop_ids, device=drafted.tokens.device).flatten()
+            stops = torch.isin(drafted.tokens[0, :length], stop_ids).nonzero()
+            if stops.numel() > 0:
+                length = int(stops[0, 0]) + 1
         return drafted.tokens[:, :length], drafted.q_logits[:, :length]
 
 
