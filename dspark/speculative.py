@@ -110,6 +110,15 @@ def choose_tokens(logits: torch.Tensor, processors: LogitsProcessorList, do_samp
     )[1]
 
 
+def warp_block_logits(logits: torch.Tensor, processors: LogitsProcessorList) -> torch.Tensor:
+    """[B, Q, V] target logits of a verify block -> the same through the warpers. Warpers are position-independent,
+    so one call over the flattened positions processes them all."""
+    if not processors:
+        return logits
+    flat = logits.reshape(-1, logits.shape[-1])
+    return processors(flat.new_zeros(flat.shape[0], 0, dtype=torch.long), flat).view_as(logits)
+
+
 def prefill(target, draft, input_ids, attention_mask, processors, do_sample) -> LoopState:
     """Run the target on the prompts, emit each row's first token, keep the prompt features for the draft."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -174,11 +183,7 @@ def verify_round(target, draft, state: LoopState, block, processors, do_sample, 
         use_cache=True,
         output_hidden_states=True,
     )
-    target_logits = out.logits.float()
-    if processors:
-        # Warpers are position-independent, so one call over the flattened positions processes them all.
-        flat = target_logits.reshape(-1, target_logits.shape[-1])
-        target_logits = processors(flat.new_zeros(flat.shape[0], 0, dtype=torch.long), flat).view_as(target_logits)
+    target_logits = warp_block_logits(out.logits.float(), processors)
     verdict = verify(block.tokens, proposed, block.q_logits, target_logits, do_sample, generator)
     features = extract_target_features(out.hidden_states, draft.config.target_layer_ids)
     return verdict, proposed, features, offsets, tokens

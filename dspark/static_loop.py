@@ -39,7 +39,7 @@ from .modeling_dspark import (
     extract_target_features,
     target_is_stateful,
 )
-from .speculative import PhaseClock, RoundCallback, RoundEvent
+from .speculative import PhaseClock, RoundCallback, RoundEvent, choose_tokens, warp_block_logits
 from .static_cache import StaticDraftCache, additive_mask, bucket_length, causal_key_mask, row_static_cache
 from .verify import Verdict, verify
 
@@ -225,18 +225,13 @@ class StaticSpeculativeRunner:
             output_hidden_states=True,
             logits_to_keep=1,
         )
-        b.anchor.copy_(self.choose(out.logits[:, -1].float()))
+        b.anchor.copy_(choose_tokens(out.logits[:, -1], self.processors, self.do_sample))
         b.length.fill_(length)
         b.kept.fill_(length)
         return extract_target_features(out.hidden_states, self.draft.config.target_layer_ids)
 
     def format_mask(self, visible: torch.Tensor) -> torch.Tensor:
         return visible if self.buffers.target_mask.dtype == torch.bool else additive_mask(visible, self.target.dtype)
-
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """[B, V] target logits -> [B] tokens (argmax or a draw from the processed distribution)."""
-        no_history = logits.new_zeros(logits.shape[0], 0, dtype=torch.long)
-        return ProcessorTokenChooser(no_history, self.processors, self.do_sample)(logits)[1]
 
     # -- the two steps that are captured -----------------------------------------------------------------------------
 
@@ -298,21 +293,16 @@ class StaticSpeculativeRunner:
 
     # -- accept (eager, small) ---------------------------------------------------------------------------------------
 
-    def processed(self, logits: torch.Tensor) -> torch.Tensor:
-        """[B, Q, V] -> the same through the warpers (position-independent, so one call over all positions)."""
-        if not self.processors:
-            return logits
-        flat = logits.reshape(-1, logits.shape[-1])
-        return self.processors(flat.new_zeros(flat.shape[0], 0, dtype=torch.long), flat).view_as(logits)
-
     def accept(self, generator: torch.Generator | None) -> list[list[int]]:
         """Verify the blocks, advance the active rows, and read back per row [accepted, next token, proposed,
         *drafted]."""
         b = self.buffers
         if self.count == 0:
-            verdict = Verdict(b.proposed.new_zeros(self.batch), self.choose(b.logits[:, 0]))
+            verdict = Verdict(
+                b.proposed.new_zeros(self.batch), choose_tokens(b.logits[:, 0], self.processors, self.do_sample)
+            )
         else:
-            target_logits = self.processed(b.logits)
+            target_logits = warp_block_logits(b.logits, self.processors)
             verdict = verify(b.block_tokens, b.proposed, b.q_logits, target_logits, self.do_sample, generator)
         b.kept.copy_(torch.where(b.active, verdict.accepted + 1, 0))
         b.length.add_(b.kept)
