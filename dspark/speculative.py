@@ -256,7 +256,7 @@ def _copy_rows(destination: dict, source: dict, rows: torch.Tensor) -> None:
 
 
 def roll_back_recurrent_states(
-    target, state: LoopState, snapshot: RecurrentStateSnapshot, tokens, verdict, keys_before: torch.Tensor
+    target, state: LoopState, snapshot: RecurrentStateSnapshot, tokens, kept: torch.Tensor, keys_before: torch.Tensor
 ) -> None:
     """Hybrid targets: the verify forward advanced every row's recurrent state over all Q verified tokens [B, Q]; each
     row must continue from its kept ones (anchor + accepted).
@@ -264,9 +264,10 @@ def roll_back_recurrent_states(
     Rows that kept all Q are already there (no forward). Rows finished before this round get the snapshot back (they
     stand still). The rest are replayed from the snapshot over their kept tokens, one target forward per distinct
     kept length, shared by the rows of that length; only their linear states are taken from the replay (the attention
-    entries of the kept tokens are the verify forward's). `keys_before`: [B, L0] the key mask before this round."""
+    entries of the kept tokens are the verify forward's). kept: [B, Q] from `kept_slots`; `keys_before`: [B, L0] the
+    key mask before this round."""
     full = tokens.shape[1]
-    keep = torch.where(state.finished, 0, verdict.accepted + 1).tolist()
+    keep = kept.sum(dim=1).tolist()
     device = tokens.device
 
     def rows_with(length: int) -> torch.Tensor:
@@ -288,19 +289,22 @@ def roll_back_recurrent_states(
         snapshot.take_rows(replay_cache, rows)
 
 
-def keep_verified_entries(state: LoopState, verdict, offsets) -> None:
+def kept_slots(verdict, offsets: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+    """[B, Q] bool: the verify block's entries each row keeps (its anchor and accepted tokens; none once finished)."""
+    return (offsets[None] <= verdict.accepted[:, None]) & ~finished[:, None]
+
+
+def keep_verified_entries(state: LoopState, kept: torch.Tensor) -> None:
     """Keep the anchor and accepted entries of the verify block in the attention cache, mask the rest (every target;
     hybrid targets also roll their recurrent state back)."""
-    kept = (offsets[None] <= verdict.accepted[:, None]) & ~state.finished[:, None]
     state.target_keys = torch.cat([state.target_keys, kept.long()], dim=1)
 
 
-def commit_round(state: LoopState, block, verdict, features, offsets, limits) -> list[int]:
+def commit_round(state: LoopState, block, verdict, features, offsets, kept, limits) -> list[int]:
     """Keep each row's accepted prefix + next token as draft context and output; advance anchors; stop finished rows.
 
-    Returns the number of tokens each row emitted this round."""
+    kept: [B, Q] from `kept_slots`. Returns the number of tokens each row emitted this round."""
     max_new_tokens, stop_ids = limits
-    kept = (offsets[None] <= verdict.accepted[:, None]) & ~state.finished[:, None]
     state.context = features
     state.context_keys = kept.long()
     state.context_positions = state.anchor_position[:, None] + offsets
@@ -311,23 +315,34 @@ def commit_round(state: LoopState, block, verdict, features, offsets, limits) ->
     for row, output in enumerate(state.generated):
         if state.finished[row]:
             continue
-        for token in [*drafted[row][: accepted[row]], next_tokens[row]]:
-            output.append(token)
-            emitted[row] += 1
-            if token in stop_ids or len(output) >= max_new_tokens:
-                state.finished[row] = True
-                break
+        round_tokens = [*drafted[row][: accepted[row]], next_tokens[row]]
+        appended, done = append_until_stop(output, round_tokens, stop_ids, max_new_tokens)
+        emitted[row] = len(appended)
+        if done:
+            state.finished[row] = True
     state.anchor_position = state.anchor_position + verdict.accepted + 1
     state.anchor = verdict.next_tokens
     return emitted
 
 
+def append_until_stop(
+    output: list[int], tokens: list[int], stop_ids: set[int], max_new_tokens: int
+) -> tuple[list[int], bool]:
+    """Append a round's tokens to a row's output up to and including the first stop token, or as many as its budget
+    of `max_new_tokens` allows; returns (the tokens appended, whether the row is now finished)."""
+    for count, token in enumerate(tokens, start=1):
+        output.append(token)
+        if token in stop_ids or len(output) >= max_new_tokens:
+            return tokens[:count], True
+    return tokens, False
+
+
 def emit_first_tokens(state: LoopState, max_new_tokens: int, stop_ids: set[int]) -> list[RoundEvent]:
     events = []
     for row, token in enumerate(state.anchor.tolist()):
-        state.generated[row].append(token)
+        _, done = append_until_stop(state.generated[row], [token], stop_ids, max_new_tokens)
         events.append(RoundEvent(row, [], [], token, [token], first=True))
-        if token in stop_ids or max_new_tokens <= 1:
+        if done:
             state.finished[row] = True
     return events
 
@@ -513,13 +528,14 @@ def _generate(
         verdict, proposed, features, offsets, tokens = verify_round(
             target, draft, state, block, processors, do_sample, generator
         )
-        keep_verified_entries(state, verdict, offsets)
+        kept = kept_slots(verdict, offsets, state.finished)
+        keep_verified_entries(state, kept)
         clock.lap("verify")
         if stateful:
-            roll_back_recurrent_states(target, state, snapshot, tokens, verdict, keys_before)
+            roll_back_recurrent_states(target, state, snapshot, tokens, kept, keys_before)
             clock.lap("rollback")
         active = ~state.finished
-        emitted = commit_round(state, block, verdict, features, offsets, (max_new_tokens, stop_ids))
+        emitted = commit_round(state, block, verdict, features, offsets, kept, (max_new_tokens, stop_ids))
         acceptance.record(verdict.accepted, proposed, active, emitted)
         clock.lap("commit")
         if on_round is not None:

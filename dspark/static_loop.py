@@ -39,7 +39,14 @@ from .modeling_dspark import (
     extract_target_features,
     target_is_stateful,
 )
-from .speculative import PhaseClock, RoundCallback, RoundEvent, choose_tokens, warp_block_logits
+from .speculative import (
+    PhaseClock,
+    RoundCallback,
+    RoundEvent,
+    append_until_stop,
+    choose_tokens,
+    warp_block_logits,
+)
 from .static_cache import StaticDraftCache, additive_mask, bucket_length, causal_key_mask, row_static_cache
 from .verify import Verdict, verify
 
@@ -393,8 +400,11 @@ def generate_static(
     acceptance = AcceptanceStats(num_slots=runner.count)
     clock = PhaseClock()  # no rollback on this path: its targets have no recurrent state
     prompt_features = runner.prefill(input_ids, attention_mask)
-    generated = [[token] for token in runner.buffers.anchor.tolist()]
-    finished = [tokens[0] in stop_ids or max_new_tokens <= 1 for tokens in generated]
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    firsts = runner.buffers.anchor.tolist()
+    finished = [
+        append_until_stop(generated[row], [token], stop_ids, max_new_tokens)[1] for row, token in enumerate(firsts)
+    ]
     clock.lap("prefill")
     if on_round is not None:
         for row, tokens in enumerate(generated):
@@ -418,15 +428,13 @@ def generate_static(
         for row, (accepted, next_token, proposed, *drafted) in enumerate(summaries):
             if finished[row]:
                 continue
-            emitted = []
-            for token in [*drafted[:accepted], next_token]:
-                emitted.append(token)
-                generated[row].append(token)
-                if token in stop_ids or len(generated[row]) >= max_new_tokens:
-                    finished[row] = True
-                    newly_finished.append(row)
-                    break
+            emitted, done = append_until_stop(
+                generated[row], [*drafted[:accepted], next_token], stop_ids, max_new_tokens
+            )
             emitted_counts[row] = len(emitted)
+            if done:
+                finished[row] = True
+                newly_finished.append(row)
             if on_round is not None:
                 on_round(RoundEvent(row, drafted[:accepted], drafted[accepted:proposed], next_token, emitted))
         if newly_finished:
