@@ -256,6 +256,18 @@ def roofline_ms(num_bytes: int, bandwidth: dict) -> float:
     return num_bytes / (bandwidth["gb_per_s"] * 1e9) * 1e3
 
 
+def forward_roofline(target, cache_len: int, device: torch.device) -> dict | None:
+    """The least time one target forward can take on a GPU: the bytes it must read (weights + a KV cache of
+    `cache_len` entries) over measured copy bandwidth. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    bandwidth = copy_bandwidth(device, 2048, 3, 20)
+    config = target.config.get_text_config()
+    weights = target_weight_bytes(target)["read_per_forward"]
+    kv = kv_bytes(config, config.num_hidden_layers, cache_len, target.dtype)
+    return {"bandwidth_gb_per_s": bandwidth["gb_per_s"], "roofline_ms": roofline_ms(weights + kv, bandwidth)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------

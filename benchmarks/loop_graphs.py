@@ -304,17 +304,6 @@ def round_time(target, draft, ids, max_new_tokens: int, stop_ids, use_graphs: bo
     }
 
 
-def verify_roofline(target, runner, device: torch.device) -> dict | None:
-    """Bytes a verify forward must read (weights + the KV cache it attends to) over measured copy bandwidth."""
-    if device.type != "cuda":
-        return None
-    bandwidth = cost_model.copy_bandwidth(device, 2048, 3, 20)
-    config = target.config.get_text_config()
-    weights = cost_model.target_weight_bytes(target)["read_per_forward"]
-    kv = cost_model.kv_bytes(config, config.num_hidden_layers, runner.max_len, target.dtype)
-    return {"bandwidth_gb_per_s": bandwidth["gb_per_s"], "roofline_ms": cost_model.roofline_ms(weights + kv, bandwidth)}
-
-
 def measure_target(name: str, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -354,7 +343,7 @@ def measure_target(name: str, args) -> dict:
             entry["round"] = round_time(target, draft, prompts[0], max_new_tokens, stop_ids, use_graphs, compiled)
             steps = sum(entry["phases_ms"][step]["median_ms"] for step in ("draft", "verify"))
             entry["round_overhead_fraction"] = 1 - steps / entry["round"]["ms_per_round"]
-            entry["verify_roofline"] = verify_roofline(target, runner, device)
+            entry["verify_roofline"] = cost_model.forward_roofline(target, runner.max_len, device)
             if entry["verify_roofline"]:
                 verify_ms = entry["phases_ms"]["verify"]["median_ms"]
                 goals[f"verify_vs_roofline{suffix} (goal <= 1.5)"] = verify_ms / entry["verify_roofline"]["roofline_ms"]

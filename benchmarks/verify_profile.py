@@ -137,15 +137,11 @@ def measure_variant(target, draft, prompt, args, compiled: bool, draft_tokens: i
         cost_model.time_calls(runner.verify_step, cost_model.no_reset, device, 3, args.repeats)
     )
     entry = {"queries": runner.queries, "prepare_seconds": prepare_seconds, "verify_ms": timings}
-    if device.type == "cuda":
-        bandwidth = cost_model.copy_bandwidth(device, 2048, 3, 20)
-        config = target.config.get_text_config()
-        weights = cost_model.target_weight_bytes(target)["read_per_forward"]
-        kv = cost_model.kv_bytes(config, config.num_hidden_layers, runner.max_len, target.dtype)
-        roofline = cost_model.roofline_ms(weights + kv, bandwidth)
-        entry["roofline_ms"] = roofline
-        entry["verify_vs_roofline"] = timings["median_ms"] / roofline
-        entry["bandwidth_gb_per_s"] = bandwidth["gb_per_s"]
+    roofline = cost_model.forward_roofline(target, runner.max_len, device)
+    if roofline is not None:
+        entry["roofline_ms"] = roofline["roofline_ms"]
+        entry["verify_vs_roofline"] = timings["median_ms"] / roofline["roofline_ms"]
+        entry["bandwidth_gb_per_s"] = roofline["bandwidth_gb_per_s"]
     # The kernels of the step itself, launched one by one (the same kernels the graph replays; a profiler may not
     # see inside a graph replay): their sum against the replay's time is what the GPU idles between kernels.
     with torch.no_grad():
