@@ -23,7 +23,6 @@ import importlib.util
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,8 +32,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import cost_model  # noqa: E402
+from loop_graphs import timed  # noqa: E402
 
-from dspark.evaluation.bench import synchronize  # noqa: E402
 from dspark.provenance import run_provenance  # noqa: E402
 from dspark.speculative import speculative_generate  # noqa: E402
 
@@ -87,34 +86,26 @@ def build_target(preset: dict, device: torch.device):
     return target.eval()
 
 
-def timed(run, device: torch.device):
-    synchronize(device)
-    started = time.perf_counter()
-    result = run()
-    synchronize(device)
-    return result, time.perf_counter() - started
-
-
 def measure_batch(target, draft, batch: int, args, device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(args.seed + batch)
     ids = torch.randint(0, target.config.vocab_size, (batch, args.prompt_length), generator=generator).to(device)
     tokens = args.max_new_tokens
 
-    def plain():
+    def plain(ids):
         return target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
 
-    def loop():
+    def loop(ids):
         return speculative_generate(target, draft, ids, max_new_tokens=tokens, eos_token_id=[], return_stats=True)
 
     runs = {"plain": plain, "loop": loop}
     for run in runs.values():  # warm-up: allocator, kernels, lazy initialisations
-        timed(run, device)
+        timed(run, ids, device)
     seconds = {name: [] for name in runs}
     phases = {phase: [] for phase in PHASES}
     rounds, acceptance = [], []
     for repeat in range(args.repeats):
         for name in list(runs) if repeat % 2 == 0 else list(runs)[::-1]:
-            result, elapsed = timed(runs[name], device)
+            result, elapsed = timed(runs[name], ids, device)
             seconds[name].append(elapsed)
             if name == "loop":
                 stats = result.stats
