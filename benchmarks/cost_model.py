@@ -67,7 +67,10 @@ GRAPH_METHODS = {"auto": ("cuda_graph", "torch_compile"), "cuda-graph": ("cuda_g
 
 @dataclass
 class Preset:
-    """Target shape and measurement sizes. `qwen3-8b` is the issue's cost model; `tiny` runs on a CPU in seconds."""
+    """Target shape and measurement sizes. `qwen3-8b` is the issue's cost model; `tiny` runs on a CPU in seconds.
+
+    architecture "qwen3_5": a hybrid (Gated DeltaNet + attention) Qwen3.5 text model, for the loop benchmarks
+    (loop_graphs.py, hybrid_loop.py, verify_profile.py); this script's own steps time attention-only targets."""
 
     target: dict
     dtype: str
@@ -79,8 +82,23 @@ class Preset:
     generate_tokens: int
     generate_repeats: int
     bandwidth_mib: int
+    architecture: str = "qwen3"
 
 
+HYBRID_TINY_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+)
 PRESETS = {
     "qwen3-8b": Preset(
         target=dict(
@@ -122,13 +140,54 @@ PRESETS = {
         generate_repeats=1,
         bandwidth_mib=16,
     ),
+    # Qwen3_5TextConfig()'s defaults (Qwen3.5-9B's text model): 32 layers, a full-attention layer after every three
+    # Gated DeltaNet ones.
+    "qwen3.5-9b": Preset(
+        target=dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=256,
+            intermediate_size=12288,
+            vocab_size=248320,
+            linear_num_key_heads=16,
+            linear_num_value_heads=32,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+        ),
+        dtype="bfloat16",
+        context=512,
+        draft_layers=[1, 5],
+        markov_rank=256,
+        repeats=20,
+        warmup=3,
+        generate_tokens=64,
+        generate_repeats=3,
+        bandwidth_mib=2048,
+        architecture="qwen3_5",
+    ),
+    "tiny-hybrid": Preset(
+        target=HYBRID_TINY_SHAPE,
+        dtype="float32",
+        context=32,
+        draft_layers=[1, 2],
+        markov_rank=8,
+        repeats=3,
+        warmup=1,
+        generate_tokens=4,
+        generate_repeats=1,
+        bandwidth_mib=16,
+        architecture="qwen3_5",
+    ),
 }
+ATTENTION_ONLY_PRESETS = sorted(name for name, preset in PRESETS.items() if preset.architecture == "qwen3")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for cost_model.json")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-8b")
+    parser.add_argument("--preset", choices=ATTENTION_ONLY_PRESETS, default="qwen3-8b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the preset's")
     parser.add_argument("--context", type=int, help="prefilled tokens before each timed step (default: preset)")
@@ -148,7 +207,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     for name in vars(preset):
-        if name != "target" and getattr(args, name) is None:
+        if name not in ("target", "architecture") and getattr(args, name) is None:
             setattr(args, name, getattr(preset, name))
     if args.generate_tokens < 2:
         parser.error("--generate-tokens must be >= 2 (the per-token cost is the difference to a 1-token call)")
@@ -233,6 +292,21 @@ def kv_bytes(config, layers: int, tokens: int, dtype: torch.dtype) -> int:
     return layers * 2 * config.num_key_value_heads * config.head_dim * tokens * dtype.itemsize
 
 
+def layer_counts(config) -> tuple[int, int]:
+    """(attention layers, Gated DeltaNet layers) of a target's text config."""
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    linear = sum(kind == "linear_attention" for kind in kinds)
+    return len(kinds) - linear, linear
+
+
+def linear_state_bytes(config, layers: int) -> int:
+    """One row's float32 recurrent states over `layers` Gated DeltaNet layers (a forward reads them once)."""
+    if not layers:
+        return 0
+    per_layer = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
+    return layers * per_layer
+
+
 def target_weight_bytes(target: Qwen3ForCausalLM) -> dict:
     """All weight bytes, and those one forward reads (the input embedding is a row lookup, so it is left out)."""
     total = sum(p.nbytes for p in target.parameters())
@@ -264,8 +338,9 @@ def forward_roofline(target, cache_len: int, device: torch.device) -> dict | Non
     bandwidth = copy_bandwidth(device, 2048, 3, 20)
     config = target.config.get_text_config()
     weights = target_weight_bytes(target)["read_per_forward"]
-    kv = kv_bytes(config, config.num_hidden_layers, cache_len, target.dtype)
-    return {"bandwidth_gb_per_s": bandwidth["gb_per_s"], "roofline_ms": roofline_ms(weights + kv, bandwidth)}
+    attention, linear = layer_counts(config)
+    state = kv_bytes(config, attention, cache_len, target.dtype) + linear_state_bytes(config, linear)
+    return {"bandwidth_gb_per_s": bandwidth["gb_per_s"], "roofline_ms": roofline_ms(weights + state, bandwidth)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,9 +348,16 @@ def forward_roofline(target, cache_len: int, device: torch.device) -> dict | Non
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_target(shape: dict, device: torch.device, dtype: torch.dtype) -> Qwen3ForCausalLM:
-    """A random-weight Qwen3 created directly on `device` in `dtype` (seconds even for 8B: no CPU copy, no fp32)."""
-    config = Qwen3Config(
+def build_target(shape: dict, device: torch.device, dtype: torch.dtype, architecture: str = "qwen3"):
+    """A random-weight Qwen3 (or, architecture "qwen3_5", hybrid Qwen3.5 text model) created directly on `device` in
+    `dtype` (seconds even for 8B: no CPU copy, no fp32)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    config_class, model_class = {
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "qwen3_5": (Qwen3_5TextConfig, Qwen3_5ForCausalLM),
+    }[architecture]
+    config = config_class(
         **shape,
         max_position_embeddings=40960,
         tie_word_embeddings=False,
@@ -285,7 +367,7 @@ def build_target(shape: dict, device: torch.device, dtype: torch.dtype) -> Qwen3
         pad_token_id=None,
     )
     with torch.device(device):
-        target = Qwen3ForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        target = model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return target.eval()
 
 

@@ -1,19 +1,28 @@
-"""What a hybrid (Qwen3.5-style Gated-DeltaNet + attention) target costs in our loop (issue #3, item 2: "then cost").
+"""What a hybrid (Qwen3.5-style Gated-DeltaNet + attention) target costs in our loops, batch by batch (issue #3,
+item 2: "then cost").
 
-    python3 benchmarks/hybrid_loop.py --out $OUT                               # Qwen3.5-9B shape, bf16, one GPU
-    python3 benchmarks/hybrid_loop.py --preset tiny --device cpu --out /tmp/hl # smoke run on a CPU, seconds
+    python3 benchmarks/hybrid_loop.py --out $OUT                                      # Qwen3.5-9B shape, one GPU
+    python3 benchmarks/hybrid_loop.py --preset tiny-hybrid --device cpu --out /tmp/hl # smoke run on a CPU, seconds
 
-A random-weight target of transformers' Qwen3.5 text architecture (the `qwen3.5-9b` preset is
-`Qwen3_5TextConfig()`'s defaults: hidden 4096, 32 layers, 3 linear-attention layers per full-attention one) and a
-random 1-layer DSpark draft, on random prompts. Per batch size, interleaved ABBA: plain `target.generate` against
-`speculative_generate` (our dynamic loop, the one hybrid targets run), with our loop's wall time split into its
-phases (draft, verify, rollback = state snapshot + replay, commit) per round.
+A random-weight target of transformers' Qwen3.5 text architecture (cost_model.py's `qwen3.5-9b` preset is
+`Qwen3_5TextConfig()`'s shape: hidden 4096, 32 layers, three Gated DeltaNet layers per full-attention one) and a
+random 1-layer DSpark draft, on random prompts. Per batch size, interleaved ABBA (the method list forward, then
+backward), each method's wall time per generated token:
 
-Random weights accept nothing, so every round verifies Q tokens, then replays one token for every row (the rows
-share that replay): the rollback's worst case relative to the verify, and the cost of a round at acceptance length 1.
-Real acceptance needs real weights, which are not available offline. Whether flash-linear-attention and
-causal-conv1d (transformers' fast GDN kernels) were importable is recorded: without them transformers runs its
-reference PyTorch kernels.
+  plain                 `target.generate` (DynamicCache, eager): the baseline
+  loop                  `speculative_generate`, the dynamic loop: snapshot the linear states, verify, replay the kept
+                        tokens of rows that rejected part of the block (one forward per distinct kept length)
+  loop_static           `speculative_generate(static_cache=True)`: the verify step keeps every position's linear
+                        state and the next one commits each row's kept one (no replay); CUDA graphs on a GPU
+  loop_static_compiled  the same with `compile_steps=True` (first call per batch size compiles, untimed)
+
+and each loop's round split into its phases (host clock: draft, verify, rollback = snapshot + replay, commit; the
+static path has no rollback phase, its commit runs inside the verify step).
+
+Random weights accept nothing, so every round verifies Q tokens and keeps one per row: for the dynamic loop that is
+the rollback's worst case (a replay every round), for the static path a round at acceptance length 1. Real
+acceptance needs real weights, which are not available offline. Whether flash-linear-attention and causal-conv1d
+(transformers' fast GDN kernels, used by the prefill and the dynamic loop) were importable is recorded.
 """
 
 from __future__ import annotations
@@ -37,34 +46,17 @@ from loop_graphs import timed  # noqa: E402
 from dspark.provenance import run_provenance  # noqa: E402
 from dspark.speculative import speculative_generate  # noqa: E402
 
-PRESETS = {
-    "qwen3.5-9b": {"dtype": "bfloat16", "shape": {}},  # Qwen3_5TextConfig's defaults
-    "tiny": {
-        "dtype": "float32",
-        "shape": dict(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            linear_num_key_heads=2,
-            linear_num_value_heads=2,
-            linear_key_head_dim=16,
-            linear_value_head_dim=16,
-            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        ),
-    },
-}
+HYBRID_PRESETS = sorted(name for name, preset in cost_model.PRESETS.items() if preset.architecture == "qwen3_5")
+METHODS = ("plain", "loop", "loop_static", "loop_static_compiled")
 PHASES = ("draft", "verify", "rollback", "commit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for hybrid_loop.json")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen3.5-9b")
+    parser.add_argument("--preset", choices=HYBRID_PRESETS, default="qwen3.5-9b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -74,62 +66,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_target(preset: dict, device: torch.device):
-    """A random-weight Qwen3.5 text model created on `device` in the preset's dtype."""
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+def method_runs(target, draft, tokens: int, methods: list[str]) -> dict:
+    """name -> a call on prompts [B, P] returning (SpeculativeOutput or sequences)."""
 
-    config = Qwen3_5TextConfig(
-        **preset["shape"], initializer_range=0.02, bos_token_id=None, eos_token_id=None, pad_token_id=None
-    )
-    with torch.device(device):
-        target = Qwen3_5ForCausalLM._from_config(config, dtype=getattr(torch, preset["dtype"]))
-    return target.eval()
+    def plain(ids):
+        return target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
+
+    def loop(**static):
+        def run(ids):
+            return speculative_generate(
+                target, draft, ids, max_new_tokens=tokens, eos_token_id=[], return_stats=True, **static
+            )
+
+        return run
+
+    runs = {
+        "plain": plain,
+        "loop": loop(),
+        "loop_static": loop(static_cache=True),
+        "loop_static_compiled": loop(static_cache=True, compile_steps=True),
+    }
+    return {name: runs[name] for name in methods}
 
 
 def measure_batch(target, draft, batch: int, args, device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(args.seed + batch)
     ids = torch.randint(0, target.config.vocab_size, (batch, args.prompt_length), generator=generator).to(device)
     tokens = args.max_new_tokens
-
-    def plain(ids):
-        return target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
-
-    def loop(ids):
-        return speculative_generate(target, draft, ids, max_new_tokens=tokens, eos_token_id=[], return_stats=True)
-
-    runs = {"plain": plain, "loop": loop}
-    for run in runs.values():  # warm-up: allocator, kernels, lazy initialisations
+    runs = method_runs(target, draft, tokens, args.methods)
+    for run in runs.values():  # warm-up: allocator, kernels, lazy initialisations, graph capture, compiling
         timed(run, ids, device)
     seconds = {name: [] for name in runs}
-    phases = {phase: [] for phase in PHASES}
-    rounds, acceptance = [], []
+    loops = [name for name in runs if name != "plain"]
+    phases = {name: {phase: [] for phase in PHASES} for name in loops}
+    rounds, acceptance = {name: [] for name in loops}, {name: [] for name in loops}
     for repeat in range(args.repeats):
         for name in list(runs) if repeat % 2 == 0 else list(runs)[::-1]:
             result, elapsed = timed(runs[name], ids, device)
             seconds[name].append(elapsed)
-            if name == "loop":
+            if name in loops:
                 stats = result.stats
                 # loop iterations = the longest-running row's rounds (stats count a round once per row taking part)
                 count = max(max(len(row["acceptance_lengths"]) for row in stats["per_row"]), 1)
-                rounds.append(count)
-                acceptance.append(stats["mean_acceptance_length"])
+                rounds[name].append(count)
+                acceptance[name].append(stats["mean_acceptance_length"])
                 for phase in PHASES:
-                    phases[phase].append(1e3 * stats["seconds"][phase] / count)
-    plain_ms = 1e3 * statistics.median(seconds["plain"]) / tokens
-    loop_ms = 1e3 * statistics.median(seconds["loop"]) / tokens
-    round_phases = {phase: statistics.median(values) for phase, values in phases.items()}
-    return {
+                    phases[name][phase].append(1e3 * stats["seconds"][phase] / count)
+    ms = {name: 1e3 * statistics.median(values) / tokens for name, values in seconds.items()}
+    entry = {
         "batch": batch,
-        "ms_per_token_step": {"plain": plain_ms, "loop": loop_ms},  # wall / new tokens per row
-        "tokens_per_second": {"plain": batch * 1e3 / plain_ms, "loop": batch * 1e3 / loop_ms},
-        "loop_vs_plain": plain_ms / loop_ms,
-        "paired_ratios": [p / q for p, q in zip(seconds["plain"], seconds["loop"])],
-        "rounds_per_call": statistics.median(rounds),
-        "mean_acceptance_length": statistics.median(acceptance),
-        "loop_ms_per_round": round_phases,
-        "rollback_share_of_round": round_phases["rollback"] / max(sum(round_phases.values()), 1e-12),
+        "ms_per_token_step": ms,  # wall / new tokens per row
+        "tokens_per_second": {name: batch * 1e3 / value for name, value in ms.items()},
         "samples_seconds": seconds,
     }
+    if "plain" in runs:
+        entry["speedup_vs_plain"] = {
+            name: {
+                "median": ms["plain"] / ms[name],
+                "paired": [p / q for p, q in zip(seconds["plain"], seconds[name])],
+            }
+            for name in loops
+        }
+    for name in loops:
+        round_phases = {phase: statistics.median(values) for phase, values in phases[name].items()}
+        entry[name] = {
+            "rounds_per_call": statistics.median(rounds[name]),
+            "mean_acceptance_length": statistics.median(acceptance[name]),
+            "ms_per_round": round_phases,
+            "rollback_share_of_round": round_phases["rollback"] / max(sum(round_phases.values()), 1e-12),
+        }
+    return entry
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -138,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    preset = PRESETS[args.preset]
-    target = build_target(preset, device)
+    preset = cost_model.PRESETS[args.preset]
+    target = cost_model.build_target(preset.target, device, getattr(torch, preset.dtype), preset.architecture)
     draft = cost_model.build_draft(target, 1, args.block_size, 64)
     report = {
         "provenance": run_provenance(args.device),

@@ -2,11 +2,14 @@
 
     python3 benchmarks/loop_graphs.py --out $OUT                               # SmolLM2 + default draft, Qwen3-8B shape
     python3 benchmarks/loop_graphs.py --targets smollm2 --out $OUT
+    python3 benchmarks/loop_graphs.py --targets qwen3.5-9b --out $OUT                # hybrid target, batch 1
     python3 benchmarks/loop_graphs.py --targets tiny --device cpu --out /tmp/lg  # smoke run on a CPU, seconds
 
 Targets: `smollm2` is the real SmolLM2-135M-Instruct with the embedded default draft (`dspark.pair.load_pair`) on
 chat prompts of the built-in prompt sets; `qwen3-8b` (and `tiny`) is the random-weight target of
-benchmarks/cost_model.py with a random 1-layer draft on random prompts (no real acceptance: it measures costs).
+benchmarks/cost_model.py with a random 1-layer draft on random prompts (no real acceptance: it measures costs);
+`qwen3.5-9b` (and `tiny-hybrid`) the same for a hybrid Qwen3.5 target (Gated DeltaNet + attention), whose static path
+commits per-position linear-attention states inside the verify step.
 
 Methods, batch 1, greedy, the same prompts, interleaved ABBA (method list forward, then backward, alternating):
   hf_generate        plain `target.generate` (DynamicCache, eager): the baseline
@@ -76,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for loop_graphs.json")
     parser.add_argument(
-        "--targets", nargs="+", default=["smollm2", "qwen3-8b"], choices=["smollm2", "qwen3-8b", "tiny"]
+        "--targets", nargs="+", default=["smollm2", "qwen3-8b"], choices=["smollm2", *sorted(cost_model.PRESETS)]
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--draft", default="default", help="draft for smollm2 (default: the embedded one)")
@@ -115,7 +118,7 @@ def random_setup(args, preset_name: str) -> tuple:
     """(target, draft, prompts, no stop ids) for cost_model's random-weight target of `preset_name`."""
     preset = cost_model.PRESETS[preset_name]
     dtype = getattr(torch, preset.dtype)
-    target = cost_model.build_target(preset.target, torch.device(args.device), dtype)
+    target = cost_model.build_target(preset.target, torch.device(args.device), dtype, preset.architecture)
     draft = cost_model.build_draft(target, 1, args.block_size, preset.markov_rank)
     generator = torch.Generator().manual_seed(args.seed)
     vocab = preset.target["vocab_size"]

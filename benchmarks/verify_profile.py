@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     preset = cost_model.PRESETS[args.preset]
-    target = cost_model.build_target(preset.target, device, getattr(torch, preset.dtype))
+    target = cost_model.build_target(preset.target, device, getattr(torch, preset.dtype), preset.architecture)
     draft = cost_model.build_draft(target, 1, args.block_size, preset.markov_rank)
     prompt = torch.randint(0, preset.target["vocab_size"], (1, args.prompt_length), device=device)
     report = {

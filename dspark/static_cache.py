@@ -69,20 +69,26 @@ class RowStaticLayer(StaticLayer):
         return self.keys, self.values
 
 
-def row_static_cache(config, max_len: int, write_start: torch.Tensor) -> StaticCache:
-    """A transformers `StaticCache` for an attention-only target whose rows write from `write_start` [B] on.
+def row_static_cache(config, max_len: int, write_start: torch.Tensor, linear_layers: dict | None = None) -> StaticCache:
+    """A transformers `StaticCache` for a target whose rows write from `write_start` [B] on.
 
     Only `update` differs from transformers' layer; the model gets explicit 4-D masks and position ids, so nothing
-    reads the cache's own length.
+    reads the cache's own length. Hybrid targets: `linear_layers` (layer index -> `GatedDeltaNetBlockState`) stand
+    at their linear-attention layers' places.
     """
+    linear_layers = linear_layers or {}
     cache = StaticCache(config=config, max_cache_len=max_len)
-    if not all(type(layer) is StaticLayer for layer in cache.layers):
-        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+    attention = [layer for index, layer in enumerate(cache.layers) if index not in linear_layers]
+    if not all(type(layer) is StaticLayer for layer in attention):
+        kinds = sorted({type(layer).__name__ for layer in attention})
         raise ValueError(
             f"dspark: static_cache=True supports full-attention layers only; this target's StaticCache has {kinds}. "
             "Use static_cache=False."
         )
-    cache.layers = [RowStaticLayer(max_len, write_start) for _ in cache.layers]
+    cache.layers = [
+        linear_layers[index] if index in linear_layers else RowStaticLayer(max_len, write_start)
+        for index in range(len(cache.layers))
+    ]
     return cache
 
 

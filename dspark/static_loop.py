@@ -1,5 +1,5 @@
-"""The static-shape speculative loop: standard-attention targets, batches of any size, optionally replayed from CUDA
-graphs.
+"""The static-shape speculative loop: attention-only and hybrid (Qwen3.5-style Gated DeltaNet) targets, batches of
+any size, optionally replayed from CUDA graphs.
 
 Every round after the first has identical shapes: the draft step reads the last verify block's features (Q = N + 1
 entries per row, the rejected ones masked) and drafts N tokens per row; the verify step runs the target over
@@ -14,6 +14,11 @@ On CUDA the two steps are captured as CUDA graphs on first use and replayed; the
 small kernels) runs eagerly, followed by the round's only host sync: one `.tolist()` of the verdicts and blocks.
 A finished row keeps running (shapes are fixed) but stands still: it keeps nothing, so its counters stop moving.
 
+Hybrid targets: the attention layers work as above; each Gated DeltaNet layer keeps its recurrent state after every
+position of the verify block and commits each row's kept one at the start of the next verify step
+(`dspark.gated_deltanet_states`), so a round needs no replay forward and keeps its fixed shapes. Their prefill runs
+transformers' own forward (its chunked linear-attention kernels) and moves the caches into the fixed buffers.
+
 Shapes: B rows, P prompt length (left-padded), N = draft.config.num_draft_tokens drafted tokens per round,
 Q = N + 1 verified positions, S = draft block size, F = K * H_target feature width, V vocabulary, L / Ld target /
 draft cache lengths.
@@ -27,10 +32,11 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import compile_regions
-from transformers import LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessorList
 
 from .acceptance import AcceptanceStats
 from .cuda_graphs import GraphedStep
+from .gated_deltanet_states import GatedDeltaNetStates, gated_deltanet_modules, linear_attention_layer_ids
 from .modeling_dspark import (
     DSparkDraftModel,
     ProcessorTokenChooser,
@@ -47,7 +53,14 @@ from .speculative import (
     choose_tokens,
     warp_block_logits,
 )
-from .static_cache import StaticDraftCache, additive_mask, bucket_length, causal_key_mask, row_static_cache
+from .static_cache import (
+    StaticDraftCache,
+    additive_mask,
+    bucket_length,
+    causal_key_mask,
+    row_static_cache,
+    write_rows,
+)
 from .verify import Verdict, verify
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -55,18 +68,21 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 def check_static_support(target) -> None:
     """Refuse, with the reason and the way out, what the static path cannot run exactly."""
-    if target_is_stateful(target):
-        raise ValueError(
-            "dspark: static_cache=True supports attention-only targets; this target has recurrent (linear-attention) "
-            "state, which needs the rewind-and-replay path. Use static_cache=False."
-        )
     config = target.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None) or []
+    kinds = set(getattr(config, "layer_types", None) or [])
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    if sliding or any(kind != "full_attention" for kind in layer_types):
+    if sliding or kinds - {"full_attention", "linear_attention"}:
         raise ValueError(
-            "dspark: static_cache=True builds one full causal mask for every layer; sliding-window or chunked "
-            "attention layers are not supported yet. Use static_cache=False."
+            "dspark: static_cache=True builds one full causal mask for every attention layer; sliding-window, "
+            f"chunked or other layers ({sorted(kinds - {'full_attention', 'linear_attention'})}) are not supported "
+            "yet. Use static_cache=False."
+        )
+    if "linear_attention" in kinds:
+        gated_deltanet_modules(target)  # raises, naming what it lacks, for linear attention of another kind
+    elif target_is_stateful(target):
+        raise ValueError(
+            "dspark: static_cache=True rolls back Qwen3.5-style Gated DeltaNet state only; this target has recurrent "
+            "state of another kind. Use static_cache=False (the dynamic loop snapshots and replays it)."
         )
     implementation = target.config._attn_implementation
     if implementation not in SUPPORTED_ATTENTION:
@@ -162,7 +178,11 @@ class StaticSpeculativeRunner:
             logits=rows(self.queries, vocab, dtype=torch.float32),
             features=rows(self.queries, width),
         )
-        self.target_cache = row_static_cache(target.config, max_len, self.buffers.target_write)
+        # Hybrid targets: the Gated DeltaNet layers' fixed states, in the target cache at their layers' places.
+        hybrid = bool(linear_attention_layer_ids(target))
+        self.linear_states = GatedDeltaNetStates(target, batch, self.queries) if hybrid else None
+        linear_layers = self.linear_states.layers if self.linear_states else None
+        self.target_cache = row_static_cache(target.config, max_len, self.buffers.target_write, linear_layers)
         # The draft cache also holds a whole verify block of context and the drafted block beyond the sequence.
         draft_len = bucket_length(max_len + self.queries + self.slots, 16)
         self.draft_cache = StaticDraftCache(draft.config, draft_len, draft.dtype, device, batch)
@@ -222,20 +242,39 @@ class StaticSpeculativeRunner:
         b.padding.copy_(length - attention_mask.sum(-1))
         b.target_write.zero_()
         b.active.fill_(True)
-        visible = causal_key_mask(b.target_write, b.padding, length, self.max_len)
+        positions = (torch.arange(length, device=input_ids.device)[None] - b.padding[:, None]).clamp(min=0)
+        if self.linear_states is None:
+            visible = causal_key_mask(b.target_write, b.padding, length, self.max_len)
+            cache, mask = self.target_cache, self.format_mask(visible)
+        else:  # transformers' own prefill (chunked linear-attention kernels), moved into the fixed buffers below
+            cache, mask = DynamicCache(config=self.target.config), attention_mask
         out = self.target(
             input_ids=input_ids,
-            attention_mask=self.format_mask(visible),
-            position_ids=(torch.arange(length, device=input_ids.device)[None] - b.padding[:, None]).clamp(min=0),
-            **{self.keyword: self.target_cache},
+            attention_mask=mask,
+            position_ids=positions,
+            **{self.keyword: cache},
             use_cache=True,
             output_hidden_states=True,
             logits_to_keep=1,
         )
+        if self.linear_states is not None:
+            self.load_prefill(cache)
         b.anchor.copy_(choose_tokens(out.logits[:, -1], self.processors, self.do_sample))
         b.length.fill_(length)
         b.kept.fill_(length)
         return extract_target_features(out.hidden_states, self.draft.config.target_layer_ids)
+
+    def load_prefill(self, cache: DynamicCache) -> None:
+        """Hybrid targets: copy a prefill's transformers cache into the fixed ones (attention entries from index 0 on,
+        where the static prefill would have written them; linear states into their layers' buffers)."""
+        for index, layer in enumerate(cache.layers):
+            if index not in self.linear_states.layers:
+                ours = self.target_cache.layers[index]
+                if not ours.is_initialized:
+                    ours.lazy_initialization(layer.keys, layer.values)
+                write_rows(ours.keys, self.buffers.target_write, layer.keys)
+                write_rows(ours.values, self.buffers.target_write, layer.values)
+        self.linear_states.load_prefill(cache)
 
     def format_mask(self, visible: torch.Tensor) -> torch.Tensor:
         return visible if self.buffers.target_mask.dtype == torch.bool else additive_mask(visible, self.target.dtype)
@@ -286,15 +325,20 @@ class StaticSpeculativeRunner:
         b.target_write.copy_(b.length)
         b.target_mask.copy_(self.format_mask(causal_key_mask(b.length, b.padding, self.queries, self.max_len)))
         offsets = torch.arange(self.queries, device=b.anchor.device)
-        out = model(
-            input_ids=torch.cat([b.anchor[:, None], b.block_tokens], dim=1),
-            attention_mask=b.target_mask,
-            position_ids=(b.length - b.padding)[:, None] + offsets,
-            **{self.keyword: self.target_cache},
-            use_cache=True,
-            output_hidden_states=self.count > 0,  # plain decoding feeds no draft
-        )
+        # hybrid targets: their Gated DeltaNet layers run `block_forward` on our cache entries during the call
+        installed = self.linear_states.installed() if self.linear_states else contextlib.nullcontext()
+        with installed:
+            out = model(
+                input_ids=torch.cat([b.anchor[:, None], b.block_tokens], dim=1),
+                attention_mask=b.target_mask,
+                position_ids=(b.length - b.padding)[:, None] + offsets,
+                **{self.keyword: self.target_cache},
+                use_cache=True,
+                output_hidden_states=self.count > 0,  # plain decoding feeds no draft
+            )
         b.logits.copy_(out.logits)
+        if self.linear_states is not None:
+            self.linear_states.kept.zero_()  # committed: running the step again must not commit this block's states
         if self.count > 0:
             b.features.copy_(extract_target_features(out.hidden_states, self.draft.config.target_layer_ids))
 
@@ -312,6 +356,8 @@ class StaticSpeculativeRunner:
             target_logits = warp_block_logits(b.logits, self.processors)
             verdict = verify(b.block_tokens, b.proposed, b.q_logits, target_logits, self.do_sample, generator)
         b.kept.copy_(torch.where(b.active, verdict.accepted + 1, 0))
+        if self.linear_states is not None:
+            self.linear_states.kept.copy_(b.kept)  # committed by the next verify step
         b.length.add_(b.kept)
         b.anchor.copy_(torch.where(b.active, verdict.next_tokens, b.anchor))
         b.context.copy_(b.features)
@@ -398,7 +444,7 @@ def generate_static(
         target, draft, batch, needed, processors, do_sample, use_graphs, sampling_key, draft_tokens, compile_steps
     )
     acceptance = AcceptanceStats(num_slots=runner.count)
-    clock = PhaseClock()  # no rollback on this path: its targets have no recurrent state
+    clock = PhaseClock()  # no rollback phase here: hybrid targets commit their states inside the verify step
     prompt_features = runner.prefill(input_ids, attention_mask)
     generated: list[list[int]] = [[] for _ in range(batch)]
     firsts = runner.buffers.anchor.tolist()

@@ -8,6 +8,7 @@ from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35
 import dspark
 import dspark.speculative as loop
 import dspark.static_loop as static_loop
+from dspark.gated_deltanet_states import GatedDeltaNetBlockState
 from dspark.speculative import speculative_generate
 
 
@@ -202,7 +203,7 @@ def exact_continuation_distribution(
 
 
 def sample_continuations(
-    target, draft, prompt, samples: int, length: int, temperature: float, top_k: int | None
+    target, draft, prompt, samples: int, length: int, temperature: float, top_k: int | None, static_cache=False
 ) -> torch.Tensor:
     """Counts [V] * length of the first `length` tokens our loop samples, in batches of 500 copies of the prompt."""
     counts = torch.zeros([target.config.vocab_size] * length)
@@ -210,8 +211,9 @@ def sample_continuations(
     for _ in range(0, samples, batch):
         ids = prompt[None].repeat(batch, 1)
         out = speculative_generate(
-            target, draft, ids, max_new_tokens=length, do_sample=True, temperature=temperature, top_k=top_k
-        )
+            target, draft, ids, max_new_tokens=length, do_sample=True, temperature=temperature, top_k=top_k,
+            static_cache=static_cache,
+        )  # fmt: skip
         tokens = out[:, prompt.shape[0] : prompt.shape[0] + length]
         counts.index_put_(tuple(tokens.T), torch.ones(batch), accumulate=True)
     return counts
@@ -263,14 +265,17 @@ def test_a_draft_that_misreports_q_is_caught_by_the_same_test(monkeypatch):
     assert goodness_of_fit(counts, exact) < 1e-6
 
 
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_hybrid_target_greedy_matches_plain_generate_after_partial_acceptances(seed, monkeypatch):
+def test_hybrid_target_greedy_matches_plain_generate_after_partial_acceptances(seed, static_cache, monkeypatch):
     target = tiny_qwen35(seed=seed)
     draft = tiny_draft(target, block_size=5, markov_rank=4)
     prompt = torch.randint(0, 128, (7,), generator=torch.Generator().manual_seed(seed))
     expected = plain_greedy(target, prompt, 30)
-    Oracle(draft, [expected], wrong_every=3, monkeypatch=monkeypatch)
-    out = speculative_generate(target, draft, prompt[None], max_new_tokens=30, return_stats=True)
+    Oracle(draft, [expected], wrong_every=3, monkeypatch=monkeypatch, static_width=7 if static_cache else None)
+    out = speculative_generate(
+        target, draft, prompt[None], max_new_tokens=30, return_stats=True, static_cache=static_cache
+    )
     assert out.generated == [expected]
     lengths = out.stats["per_row"][0]["acceptance_lengths"]
     assert max(lengths) > 1 and min(lengths[:-1]) < draft.config.num_draft_tokens + 1, "needs partial acceptances"
@@ -295,18 +300,21 @@ def test_hybrid_target_skips_the_replay_when_the_whole_block_is_kept(monkeypatch
     assert len(forwards) == 1 + len(lengths) + (len(lengths) - full)
 
 
-def test_hybrid_target_batches_rows_of_different_lengths():
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_hybrid_target_batches_rows_of_different_lengths(static_cache):
     target = tiny_qwen35(seed=4)
     draft = tiny_draft(target, block_size=4, markov_rank=4)
     generator = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, 128, (length,), generator=generator) for length in (2, 9, 5)]
     ids, mask = left_padded(rows)
-    out = speculative_generate(target, draft, ids, mask, max_new_tokens=12, return_stats=True)
+    out = speculative_generate(
+        target, draft, ids, mask, max_new_tokens=12, return_stats=True, static_cache=static_cache
+    )
     assert out.generated == [plain_greedy(target, row, 12) for row in rows]
     assert len(out.stats["per_row"]) == 3
 
 
-def hybrid_three_token_fit() -> float:
+def hybrid_three_token_fit(static_cache: bool = False) -> float:
     """Chi-square p-value of the first three tokens our loop samples (5,000 rows, batches of 500) against a tiny
     hybrid target's exact distribution. The third token is sampled from a recurrent state rolled back after a
     partially accepted block. The target's output head is scaled up so its distribution depends visibly on that
@@ -318,17 +326,31 @@ def hybrid_three_token_fit() -> float:
     prompt = torch.tensor([3, 1, 4, 1, 5])
     exact = exact_continuation_distribution(target, prompt, 3, 0.9, None)
     torch.manual_seed(0)
-    return goodness_of_fit(sample_continuations(target, draft, prompt, 5000, 3, 0.9, None), exact)
+    counts = sample_continuations(target, draft, prompt, 5000, 3, 0.9, None, static_cache=static_cache)
+    return goodness_of_fit(counts, exact)
 
 
-def test_hybrid_target_sampling_reproduces_the_targets_distribution():
-    assert hybrid_three_token_fit() > 1e-3
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_hybrid_target_sampling_reproduces_the_targets_distribution(static_cache):
+    assert hybrid_three_token_fit(static_cache) > 1e-3
 
 
 def test_hybrid_target_sampling_test_detects_a_recurrent_state_that_is_not_rolled_back(monkeypatch):
     """Negative control: keeping the verify forward's state (all Q tokens folded in) for every row must fail."""
     monkeypatch.setattr(loop, "roll_back_recurrent_states", lambda *args: None)
     assert hybrid_three_token_fit() < 1e-6
+
+
+def test_static_hybrid_sampling_test_detects_a_commit_that_ignores_the_kept_count(monkeypatch):
+    """Negative control of the static path: every row that kept anything commits the state after the whole block."""
+    original_commit = GatedDeltaNetBlockState.commit
+
+    def commit_whole_block(self):
+        self.kept.copy_(torch.where(self.kept > 0, self.block_states.shape[1], 0))
+        original_commit(self)
+
+    monkeypatch.setattr(GatedDeltaNetBlockState, "commit", commit_whole_block)
+    assert hybrid_three_token_fit(static_cache=True) < 1e-6
 
 
 def test_hybrid_batch_replays_once_per_kept_length_not_once_per_row(monkeypatch):
@@ -357,6 +379,27 @@ def test_hybrid_batch_replays_once_per_kept_length_not_once_per_row(monkeypatch)
     assert replays and max(replays) == 2, "rows with the same kept length share a replay"
     rounds = len(batch_sizes) - 1 - len(replays)
     assert len(replays) <= rounds * 2 < rounds * len(rows)
+
+
+def test_static_hybrid_batch_runs_one_target_forward_per_round_however_much_each_row_kept(monkeypatch):
+    """On the static path a hybrid batch needs no replay: rows that kept different numbers of tokens each commit their
+    own recurrent state inside the next verify forward; the output still equals row-by-row plain greedy."""
+    target = tiny_qwen35(seed=5)
+    draft = tiny_draft(target, block_size=5, markov_rank=4)
+    generator = torch.Generator().manual_seed(4)
+    rows = [torch.randint(0, 128, (length,), generator=generator) for length in (6, 3, 8, 4)]
+    expected = [plain_greedy(target, row, 20) for row in rows]
+    ids, mask = left_padded(rows)
+    Oracle(draft, expected, wrong_every=2, monkeypatch=monkeypatch, static_width=ids.shape[1])
+    forwards = []
+    original_forward = target.forward
+    monkeypatch.setattr(target, "forward", lambda *a, **k: forwards.append(1) or original_forward(*a, **k))
+    out = speculative_generate(target, draft, ids, mask, max_new_tokens=20, return_stats=True, static_cache=True)
+    assert out.generated == expected
+    per_row = [row["acceptance_lengths"] for row in out.stats["per_row"]]
+    assert any(len(set(lengths)) > 1 for lengths in zip(*per_row)), "rows must keep different lengths in a round"
+    rounds = max(len(lengths) for lengths in per_row)  # the longest-running row's rounds: the loop's iterations
+    assert len(forwards) == 1 + rounds and out.stats["seconds"]["rollback"] == 0
 
 
 def test_right_padded_prompts_are_refused():

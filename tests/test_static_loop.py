@@ -231,10 +231,11 @@ def test_sampling_draws_what_the_dynamic_loop_draws_from_the_same_seeds(lengths)
     assert outputs[0].stats["accepted"] > 3, "needs accepted drafts to compare rejection sampling"
 
 
+@pytest.mark.parametrize("make_target", [tiny_qwen3, tiny_qwen35], ids=["qwen3", "qwen3.5-hybrid"])
 @pytest.mark.parametrize("draft_tokens", [0, 2])
-def test_fewer_drafted_tokens_and_plain_decoding_on_the_static_path(draft_tokens):
+def test_fewer_drafted_tokens_and_plain_decoding_on_the_static_path(draft_tokens, make_target):
     """draft_tokens=0 is plain decoding through the static (graph) path: one target forward per token."""
-    target = tiny_qwen3(seed=14)
+    target = make_target(seed=14)
     draft = tiny_draft(target, block_size=5, markov_rank=4)
     ids = prompt(6, seed=11)
     expected = plain_greedy(target, ids, 12)
@@ -299,9 +300,6 @@ def test_unsupported_settings_are_refused_with_the_way_out():
         speculative_generate(target, draft, ids, static_cache=True, cuda_graphs=True)
     with pytest.raises(ValueError, match="needs static_cache=True"):
         speculative_generate(target, draft, ids, cuda_graphs=True)
-    hybrid = tiny_qwen35(seed=1)
-    with pytest.raises(ValueError, match="recurrent"):
-        speculative_generate(hybrid, tiny_draft(hybrid), ids, max_new_tokens=4, static_cache=True)
     config = tiny_qwen3().config
     config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 8, 0
     config.layer_types = ["sliding_attention"] * config.num_hidden_layers
@@ -356,10 +354,12 @@ def test_a_row_that_finished_first_stays_inside_the_caches_while_the_others_run(
     assert max(rows[0]["acceptance_lengths"]) == count + 1 and max(rows[1]["acceptance_lengths"]) == 1
 
 
-def test_compiled_steps_emit_what_the_eager_steps_emit():
+@pytest.mark.parametrize("make_target", [tiny_llama, tiny_qwen35], ids=["llama", "qwen3.5-hybrid"])
+def test_compiled_steps_emit_what_the_eager_steps_emit(make_target):
     """compile_steps=True runs the draft and verify steps through torch.compile (inductor, also on CPU): the same
-    tokens and the same per-row acceptance as the uncompiled static path, with rows of different prompt lengths."""
-    target = tiny_llama(seed=22)
+    tokens and the same per-row acceptance as the uncompiled static path, with rows of different prompt lengths
+    (hybrid targets: our Gated DeltaNet forward and its commit compiled inside the layers)."""
+    target = make_target(seed=22)
     draft = tiny_draft(target, block_size=4, markov_rank=4)
     ids = torch.cat([prompt(9, seed=5), prompt(9, seed=6)])
     mask = torch.ones_like(ids)

@@ -45,12 +45,12 @@ def tiny_qwen3(seed: int = 0, vocab_size: int = 160, num_layers: int = 5) -> Qwe
     return Qwen3ForCausalLM(config).eval()
 
 
-def tiny_qwen35(seed: int = 0, vocab_size: int = 128):
-    """A hybrid Gated-DeltaNet + attention target (stateful)."""
+def tiny_qwen35(seed: int = 0, vocab_size: int = 128, **overrides):
+    """A hybrid Gated-DeltaNet + attention target (stateful); `overrides` change its config."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     torch.manual_seed(seed)
-    config = Qwen3_5TextConfig(
+    shape = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=96,
@@ -68,6 +68,7 @@ def tiny_qwen35(seed: int = 0, vocab_size: int = 128):
         eos_token_id=None,
         pad_token_id=None,
     )
+    config = Qwen3_5TextConfig(**{**shape, **overrides})
     return Qwen3_5ForCausalLM(config).eval()
 
 
