@@ -9,7 +9,7 @@ Targets: `smollm2` is the real SmolLM2-135M-Instruct with the embedded default d
 chat prompts of the built-in prompt sets; `qwen3-8b` (and `tiny`) is the random-weight target of
 benchmarks/cost_model.py with a random 1-layer draft on random prompts (no real acceptance: it measures costs);
 `qwen3.5-9b` (and `tiny-hybrid`) the same for a hybrid Qwen3.5 target (Gated DeltaNet + attention), whose static path
-commits per-position linear-attention states inside the verify step.
+commits each row's linear-attention state inside the next verify step.
 
 Methods, batch 1, greedy, the same prompts, interleaved ABBA (method list forward, then backward, alternating):
   hf_generate        plain `target.generate` (DynamicCache, eager): the baseline

@@ -4,23 +4,27 @@ the linear-attention state in fixed shapes, rolled back without a replay.
 A verify forward runs Q tokens [anchor, N drafted] through every layer, yet a row keeps only its first k of them
 (k = accepted + 1; none once the row finished). The dynamic loop snapshots the recurrent state before the verify and
 replays the kept tokens afterwards: a forward whose shape depends on k. Here each Gated DeltaNet layer keeps what a
-rollback needs from the verify itself:
+rollback needs from the verify itself, and the next verify step begins by committing each row's state after its k
+kept tokens: fixed shapes throughout, so the verify step, commit included, is one CUDA graph, and no replay exists.
 
-- the conv window: the layer's K - 1 conv inputs before the block and the block's Q inputs, [B, C, K - 1 + Q]; the
-  conv state after k tokens is the window's columns k .. k + K - 2;
-- the recurrent state after each of the Q positions, [B, Q, Hv, Dk, Dv] (float32).
+The verify runs the gated delta rule over the block in its chunked (UT transform) form: the block's corrected values
+("v_new") come from a small triangular solve over the Q positions and one read of the state S0, and the state after
+the first k positions is
 
-The next verify step begins by committing each row's state at its kept count (a gather), then runs its block: fixed
-shapes throughout, so the verify step, commit included, is one CUDA graph, and no replay forward exists. The price is
-memory and its traffic: Q recurrent states per layer and row (Qwen3.5-9B: 32 heads x 128 x 128 x 4 B = 2 MiB per
-position; x Q = 9 x 24 layers = 0.45 GiB per row).
+    S_k = exp(G_k) S0 + sum_{j <= k} exp(G_k - G_j) key_j (x) v_new_j        (G: the cumulative log decay)
+
+where v_new_j depends only on positions up to j (the system is lower-triangular), so what the verify computed for
+all Q positions serves every k. A layer therefore keeps, per row, the block's normalised keys, v_new and G (a few
+KiB), and its conv window: the K - 1 conv inputs before the block and the block's Q inputs, [B, C, K - 1 + Q], whose
+columns k .. k + K - 2 are the conv state after k tokens. A round reads each recurrent state twice (verify, commit)
+and writes it once, however long the block.
 
 The prefill runs transformers' own forward (its chunked kernels; fla's where installed) into a `DynamicCache`;
 `load_prefill` moves its states into the fixed buffers. The verify forward of a layer (`block_forward`) is ours,
-written from transformers' Qwen3.5 layer with the same operations in the same order, because transformers' layer
+written from transformers' Qwen3.5 layer (same projections, conv, gating and delta rule), because transformers' layer
 exposes only the state after a forward's last position; a test holds the two equal. It is installed on the layer
-modules only while the static loop runs (`GatedDeltaNetStates.installed`), and hands every call whose cache entry is
-not ours to the layer's own forward.
+modules only during the verify step (`GatedDeltaNetStates.installed`), and hands every call whose cache entry is not
+ours to the layer's own forward.
 
 Shapes: B rows, Q verified positions, C = 2 * Hk * Dk + Hv * Dv conv channels, K conv kernel width, Hk / Hv key /
 value heads, Dk / Dv their widths.
@@ -101,16 +105,22 @@ class GatedDeltaNetBlockState:
         self.conv = torch.zeros(batch, channels, width - 1, dtype=dtype, device=device)
         self.window = torch.zeros(batch, channels, width - 1 + queries, dtype=dtype, device=device)
         self.recurrent = torch.zeros(batch, heads, key_width, value_width, dtype=torch.float32, device=device)
-        self.block_states = torch.zeros(
-            batch, queries, heads, key_width, value_width, dtype=torch.float32, device=device
-        )
+        # the last block's normalised keys, corrected values and cumulative log decay (float32)
+        self.block_keys = torch.zeros(batch, heads, queries, key_width, dtype=torch.float32, device=device)
+        self.block_values = torch.zeros(batch, heads, queries, value_width, dtype=torch.float32, device=device)
+        self.block_decay = torch.zeros(batch, heads, queries, dtype=torch.float32, device=device)
 
     def commit(self) -> None:
         """Move each row to its state after the kept entries of the last verify block (rows that keep none stay)."""
         took = self.kept > 0
-        rows = torch.arange(self.kept.shape[0], device=self.kept.device)
-        after_block = self.block_states[rows, (self.kept - 1).clamp(min=0)]
-        self.recurrent.copy_(torch.where(took[:, None, None, None], after_block, self.recurrent))
+        last = (self.kept - 1).clamp(min=0)[:, None, None].expand(-1, self.block_decay.shape[1], 1)
+        decay_to_last = self.block_decay.gather(2, last)  # [B, Hv, 1]: G at the last kept position
+        positions = torch.arange(self.block_decay.shape[2], device=self.kept.device)
+        in_kept = (positions[None] < self.kept[:, None])[:, None, :]  # [B, 1, Q]
+        weights = torch.where(in_kept, (decay_to_last - self.block_decay).exp(), 0.0)  # [B, Hv, Q]
+        written = (self.block_keys * weights[..., None]).transpose(-1, -2) @ self.block_values  # [B, Hv, Dk, Dv]
+        after = self.recurrent * decay_to_last.exp()[..., None] + written
+        self.recurrent.copy_(torch.where(took[:, None, None, None], after, self.recurrent))
         columns = self.kept[:, None] + torch.arange(self.conv.shape[2], device=self.kept.device)
         shifted = self.window.gather(2, columns[:, None, :].expand(-1, self.conv.shape[1], -1))
         self.conv.copy_(torch.where(took[:, None, None], shifted, self.conv))
@@ -127,43 +137,51 @@ def l2_normalized(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def gated_delta_steps(
+def gated_delta_block(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     decay: torch.Tensor,
     beta: torch.Tensor,
-    initial: torch.Tensor,
-    states_out: torch.Tensor,
+    state: GatedDeltaNetBlockState,
 ) -> torch.Tensor:
-    """The gated delta rule one position at a time from `initial` [B, Hv, Dk, Dv], writing the state after each
-    position to states_out [B, Q, Hv, Dk, Dv]; returns the outputs [B, Q, Hv, Dv] in value's dtype.
+    """The gated delta rule over a block of Q positions from the committed state [B, Hv, Dk, Dv] (read, not
+    changed); returns the outputs [B, Q, Hv, Dv] in value's dtype and leaves in `state` what its commit needs.
 
     query, key: [B, Q, Hv, Dk] (heads already repeated to Hv); value: [B, Q, Hv, Dv]; decay (log of the state's
-    decay), beta: [B, Q, Hv]. Same operations as transformers' `torch_recurrent_gated_delta_rule`, its decode path.
+    per-position decay), beta: [B, Q, Hv]. The chunked form of transformers' `torch_chunk_gated_delta_rule` (one
+    chunk of exactly Q positions).
     """
     dtype, positions = value.dtype, value.shape[1]
     query, key, value, beta, decay = (
         x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         for x in (query, key, value, beta, decay)
-    )
-    query = l2_normalized(query) / (query.shape[-1] ** 0.5)
+    )  # [B, Hv, Q, ...]
+    query = l2_normalized(query) * query.shape[-1] ** -0.5
     key = l2_normalized(key)
-    state = initial.to(torch.float32)
-    outputs = torch.zeros_like(value)
-    for i in range(positions):
-        state = state * decay[:, :, i].exp()[..., None, None]
-        remembered = (state * key[:, :, i, :, None]).sum(dim=-2)
-        delta = (value[:, :, i] - remembered) * beta[:, :, i, None]
-        state = state + key[:, :, i, :, None] * delta[:, :, None, :]
-        outputs[:, :, i] = (state * query[:, :, i, :, None]).sum(dim=-2)
-        states_out[:, i].copy_(state)
+    cumulative = decay.cumsum(dim=-1)  # G
+    later = torch.ones(positions, positions, dtype=torch.bool, device=query.device).triu(1)
+    pair_decay = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(later, float("-inf")).exp()
+    key_beta = key * beta[..., None]
+    system = (key_beta @ key.transpose(-1, -2)) * pair_decay  # its strict lower triangle couples the positions
+    corrected = torch.linalg.solve_triangular(system, value * beta[..., None], upper=False, unitriangular=True)
+    reads = torch.linalg.solve_triangular(
+        system, key_beta * cumulative.exp()[..., None], upper=False, unitriangular=True
+    )
+    # One read of the state for both: what it predicts of each position's value, and each query's view of it.
+    from_state = torch.cat([reads, query * cumulative.exp()[..., None]], dim=2) @ state.recurrent
+    new_values = corrected - from_state[:, :, :positions]
+    within = (query @ key.transpose(-1, -2)) * pair_decay
+    outputs = from_state[:, :, positions:] + within @ new_values
+    state.block_keys.copy_(key)
+    state.block_values.copy_(new_values)
+    state.block_decay.copy_(cumulative)
     return outputs.transpose(1, 2).contiguous().to(dtype)
 
 
 def block_forward(module: nn.Module, state: GatedDeltaNetBlockState, hidden_states: torch.Tensor) -> torch.Tensor:
     """hidden_states [B, Q, H] -> [B, Q, H]: a Gated DeltaNet layer over a verify block from each row's committed
-    state (committed first, from the previous block), recording the block's window and per-position states."""
+    state (committed first, from the previous block), leaving in `state` what the next commit needs."""
     state.commit()
     batch, queries, _ = hidden_states.shape
     mixed = module.in_proj_qkv(hidden_states).transpose(1, 2)  # [B, C, Q]
@@ -187,7 +205,7 @@ def block_forward(module: nn.Module, state: GatedDeltaNetBlockState, hidden_stat
     if repeats > 1:
         query, key = query.repeat_interleave(repeats, dim=2), key.repeat_interleave(repeats, dim=2)
 
-    out = gated_delta_steps(query, key, value, decay, beta, state.recurrent, state.block_states)
+    out = gated_delta_block(query, key, value, decay, beta, state)
     out = module.norm(out.reshape(-1, module.head_v_dim), gate.reshape(-1, module.head_v_dim))
     return module.out_proj(out.reshape(batch, queries, -1))
 

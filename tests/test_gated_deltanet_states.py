@@ -37,44 +37,49 @@ def transformers_token_by_token(module, cache: DynamicCache, hidden: torch.Tenso
 
 @pytest.mark.parametrize("value_heads", [2, 4], ids=["heads-equal", "value-heads-repeat-key-heads"])
 @torch.no_grad()
-def test_block_forward_equals_the_layers_own_decode_and_records_every_positions_state(value_heads):
+def test_block_forward_equals_the_layers_own_decode_and_commits_the_state_after_any_kept_count(value_heads):
     target = tiny_qwen35(seed=3, linear_num_value_heads=value_heads)
-    ours, theirs = prefilled(target), prefilled(target)
-    states = GatedDeltaNetStates(target, batch=2, queries=QUERIES)
-    states.load_prefill(ours)
-    hidden = torch.randn(2, QUERIES, target.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    for index, module in states.modules.items():
-        expected, recurrent, _ = transformers_token_by_token(module, theirs, hidden)
-        output = block_forward(module, states.layers[index], hidden)
-        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
-        for position in range(QUERIES):
-            torch.testing.assert_close(states.layers[index].block_states[:, position], recurrent[position])
-
-
-@torch.no_grad()
-def test_commit_moves_each_row_to_its_state_after_its_kept_tokens():
-    target = tiny_qwen35(seed=4)
-    rows = 3
+    rows = QUERIES + 1  # row r keeps r tokens of the block: none .. all of them
     ours, theirs = prefilled(target, rows=rows), prefilled(target, rows=rows)
     states = GatedDeltaNetStates(target, batch=rows, queries=QUERIES)
     states.load_prefill(ours)
-    index, module = next(iter(states.modules.items()))
-    layer = states.layers[index]
-    before = (layer.recurrent.clone(), layer.conv.clone())
-    hidden = torch.randn(rows, QUERIES, target.config.hidden_size, generator=torch.Generator().manual_seed(2))
-    _, recurrent, conv = transformers_token_by_token(module, theirs, hidden)
-    block_forward(module, layer, hidden)
+    hidden = torch.randn(rows, QUERIES, target.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    for index, module in states.modules.items():
+        layer = states.layers[index]
+        before = (layer.recurrent.clone(), layer.conv.clone())
+        expected, recurrent, conv = transformers_token_by_token(module, theirs, hidden)
+        states.kept.zero_()  # nothing to commit before this block (the runner zeroes it after each verify)
+        output = block_forward(module, layer, hidden)
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+        states.kept.copy_(torch.arange(rows))
+        layer.commit()
+        torch.testing.assert_close(layer.recurrent[0], before[0][0], rtol=0, atol=0)  # kept none: unchanged
+        torch.testing.assert_close(layer.conv[0], before[1][0], rtol=0, atol=0)
+        for row in range(1, rows):
+            torch.testing.assert_close(layer.recurrent[row], recurrent[row - 1][row], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(layer.conv[row], conv[row - 1][row, :, -layer.conv.shape[2] :])
+
+
+@torch.no_grad()
+def test_the_next_block_continues_from_each_rows_committed_state():
+    """Two verify blocks in a row (the second commits the first): the second's outputs equal the layer's own decode
+    over only the kept tokens of the first, then the second."""
+    target = tiny_qwen35(seed=4)
     kept = [2, 0, QUERIES]  # part of the block, none (a finished row), all of it
+    rows = len(kept)
+    states = GatedDeltaNetStates(target, batch=rows, queries=QUERIES)
+    states.load_prefill(prefilled(target, rows=rows))
+    index, module = next(iter(states.modules.items()))
+    generator = torch.Generator().manual_seed(2)
+    first, second = (torch.randn(rows, QUERIES, target.config.hidden_size, generator=generator) for _ in range(2))
+    block_forward(module, states.layers[index], first)
     states.kept.copy_(torch.tensor(kept))
-    layer.commit()
-    width = layer.conv.shape[2]
+    output = block_forward(module, states.layers[index], second)  # commits the first block, then runs the second
     for row, count in enumerate(kept):
-        if count == 0:
-            torch.testing.assert_close(layer.recurrent[row], before[0][row], rtol=0, atol=0)
-            torch.testing.assert_close(layer.conv[row], before[1][row], rtol=0, atol=0)
-        else:
-            torch.testing.assert_close(layer.recurrent[row], recurrent[count - 1][row])
-            torch.testing.assert_close(layer.conv[row], conv[count - 1][row, :, -width:])
+        theirs = prefilled(target, rows=rows)
+        hidden = torch.cat([first[:, :count], second], dim=1)
+        expected, _, _ = transformers_token_by_token(module, theirs, hidden)
+        torch.testing.assert_close(output[row], expected[row, count:], rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()

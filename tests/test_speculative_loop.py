@@ -346,7 +346,7 @@ def test_static_hybrid_sampling_test_detects_a_commit_that_ignores_the_kept_coun
     original_commit = GatedDeltaNetBlockState.commit
 
     def commit_whole_block(self):
-        self.kept.copy_(torch.where(self.kept > 0, self.block_states.shape[1], 0))
+        self.kept.copy_(torch.where(self.kept > 0, self.block_decay.shape[2], 0))
         original_commit(self)
 
     monkeypatch.setattr(GatedDeltaNetBlockState, "commit", commit_whole_block)
