@@ -164,10 +164,10 @@ def gated_delta_block(
     pair_decay = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(later, float("-inf")).exp()
     key_beta = key * beta[..., None]
     system = (key_beta @ key.transpose(-1, -2)) * pair_decay  # its strict lower triangle couples the positions
-    corrected = torch.linalg.solve_triangular(system, value * beta[..., None], upper=False, unitriangular=True)
-    reads = torch.linalg.solve_triangular(
-        system, key_beta * cumulative.exp()[..., None], upper=False, unitriangular=True
-    )
+    corrected, reads = value * beta[..., None], key_beta * cumulative.exp()[..., None]
+    if positions > 1:  # one position (plain decoding) is its own solution: its system is the 1 x 1 identity
+        corrected = torch.linalg.solve_triangular(system, corrected, upper=False, unitriangular=True)
+        reads = torch.linalg.solve_triangular(system, reads, upper=False, unitriangular=True)
     # One read of the state for both: what it predicts of each position's value, and each query's view of it.
     from_state = torch.cat([reads, query * cumulative.exp()[..., None]], dim=2) @ state.recurrent
     new_values = corrected - from_state[:, :, :positions]
@@ -215,11 +215,13 @@ def _dispatching_forward(module, hidden_states, cache=None, cache_params=None, a
     given = cache if cache is not None else cache_params
     entry = given.layers[module.layer_idx] if given is not None else None
     if isinstance(entry, GatedDeltaNetBlockState):
-        return block_forward(module, entry, hidden_states)
-    keyword = {"cache": cache} if cache is not None else {"cache_params": cache_params}  # 5.2x / 5.17 spelling
-    if given is None:
-        keyword = {}
-    return type(module).forward(module, hidden_states, attention_mask=attention_mask, **keyword, **kwargs)
+        return block_forward(module, entry, hidden_states)  # a verify block: no padding to mask
+    spelled = {}  # the cache as the caller passed it: `cache` (transformers 5.2x) or `cache_params` (5.17)
+    if cache is not None:
+        spelled["cache"] = cache
+    elif cache_params is not None:
+        spelled["cache_params"] = cache_params
+    return type(module).forward(module, hidden_states, attention_mask=attention_mask, **spelled, **kwargs)
 
 
 class GatedDeltaNetStates:

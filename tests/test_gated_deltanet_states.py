@@ -3,7 +3,7 @@ Gated DeltaNet layer against transformers' own, the per-row commit, and the forw
 
 import pytest
 import torch
-from tiny_models import tiny_draft, tiny_qwen35
+from tiny_models import tiny_draft, tiny_qwen3_next, tiny_qwen35
 from transformers import DynamicCache
 
 from dspark.gated_deltanet_states import GatedDeltaNetStates, block_forward, gated_deltanet_modules
@@ -94,37 +94,8 @@ def test_installed_forwards_leave_other_uses_of_the_target_alone_and_are_removed
     assert not any("forward" in module.__dict__ for module in states.modules.values())
 
 
-def tiny_qwen3_next():
-    """A hybrid target whose Gated DeltaNet fuses its projections (in_proj_qkvz, in_proj_ba): not ours to run."""
-    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3NextConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=2,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=32,
-        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return Qwen3NextForCausalLM(config).eval()
-
-
 def test_linear_attention_of_another_kind_is_refused_with_the_way_out():
-    target = tiny_qwen3_next()
+    target = tiny_qwen3_next()  # its Gated DeltaNet fuses the projections ours reads one by one
     with pytest.raises(ValueError, match=r"Gated DeltaNet.*Qwen3NextGatedDeltaNet.*in_proj_qkv.*static_cache=False"):
         check_static_support(target)
     with pytest.raises(ValueError, match="static_cache=False"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from scipy.stats import chisquare
-from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35
+from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35, tiny_qwen35_moe
 
 import dspark
 import dspark.speculative as loop
@@ -400,6 +400,16 @@ def test_static_hybrid_batch_runs_one_target_forward_per_round_however_much_each
     assert any(len(set(lengths)) > 1 for lengths in zip(*per_row)), "rows must keep different lengths in a round"
     rounds = max(len(lengths) for lengths in per_row)  # the longest-running row's rounds: the loop's iterations
     assert len(forwards) == 1 + rounds and out.stats["seconds"]["rollback"] == 0
+
+
+def test_static_path_runs_qwen35_moe_hybrids_too():
+    target = tiny_qwen35_moe(seed=3)
+    draft = tiny_draft(target, block_size=4, markov_rank=4)
+    generator = torch.Generator().manual_seed(5)
+    rows = [torch.randint(0, 128, (length,), generator=generator) for length in (5, 8)]
+    ids, mask = left_padded(rows)
+    out = speculative_generate(target, draft, ids, mask, max_new_tokens=16, static_cache=True)
+    assert [out[row, ids.shape[1] :].tolist() for row in range(2)] == [plain_greedy(target, row, 16) for row in rows]
 
 
 def test_right_padded_prompts_are_refused():

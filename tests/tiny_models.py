@@ -45,31 +45,52 @@ def tiny_qwen3(seed: int = 0, vocab_size: int = 160, num_layers: int = 5) -> Qwe
     return Qwen3ForCausalLM(config).eval()
 
 
+# Hybrid targets: three Gated DeltaNet layers, then a full-attention one.
+HYBRID_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    max_position_embeddings=512,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+TINY_EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+
+
 def tiny_qwen35(seed: int = 0, vocab_size: int = 128, **overrides):
     """A hybrid Gated-DeltaNet + attention target (stateful); `overrides` change its config."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     torch.manual_seed(seed)
-    shape = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=2,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        max_position_embeddings=512,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    config = Qwen3_5TextConfig(**{**shape, **overrides})
+    config = Qwen3_5TextConfig(**{**HYBRID_SHAPE, "vocab_size": vocab_size, **overrides})
     return Qwen3_5ForCausalLM(config).eval()
+
+
+def tiny_qwen35_moe(seed: int = 0):
+    """A hybrid Qwen3.5 target whose MLPs are mixtures of experts (Qwen3.5-MoE: Gated DeltaNet layers as Qwen3.5's)."""
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    torch.manual_seed(seed)
+    return Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**HYBRID_SHAPE, vocab_size=128, **TINY_EXPERTS)).eval()
+
+
+def tiny_qwen3_next(seed: int = 0):
+    """A hybrid target whose Gated DeltaNet fuses its projections (in_proj_qkvz, in_proj_ba) and whose MLPs are
+    mixtures of experts."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3NextForCausalLM(Qwen3NextConfig(**HYBRID_SHAPE, vocab_size=128, **TINY_EXPERTS)).eval()
 
 
 def tiny_draft(target, seed: int = 1, **kwargs) -> DSparkDraftModel:
