@@ -68,6 +68,13 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 def check_static_support(target) -> None:
     """Refuse, with the reason and the way out, what the static path cannot run exactly."""
+    placement = sorted({str(device) for device in (getattr(target, "hf_device_map", None) or {}).values()})
+    if len(placement) > 1 or {"disk", "meta"} & set(placement):
+        raise ValueError(
+            f"dspark: static_cache=True needs the whole target on one device; its device_map spreads it over "
+            f"{placement} (its caches, buffers and graphs live on one device, and offloaded weights are loaded layer "
+            "by layer during the forward). Load the target on one GPU, or use static_cache=False."
+        )
     config = target.config.get_text_config()
     kinds = set(getattr(config, "layer_types", None) or [])
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)

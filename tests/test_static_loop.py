@@ -308,6 +308,14 @@ def test_unsupported_settings_are_refused_with_the_way_out():
         speculative_generate(sliding, tiny_draft(sliding), ids, max_new_tokens=4, static_cache=True)
 
 
+def test_a_target_spread_over_devices_or_offloaded_is_refused_with_the_way_out(tmp_path):
+    from accelerate import dispatch_model
+
+    target = dispatch_model(tiny_llama(seed=11), device_map={"model": "cpu", "lm_head": "disk"}, offload_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"one device.*\['cpu', 'disk'\].*static_cache=False"):
+        speculative_generate(target, tiny_draft(target), prompt(4), max_new_tokens=4, static_cache=True)
+
+
 def test_a_step_whose_capture_fails_warns_once_and_runs_eagerly():
     # On a machine without CUDA the capture itself fails, which exercises the same fallback as an uncapturable op.
     if torch.cuda.is_available():
