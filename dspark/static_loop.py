@@ -14,9 +14,10 @@ On CUDA the two steps are captured as CUDA graphs on first use and replayed; the
 small kernels) runs eagerly, followed by the round's only host sync: one `.tolist()` of the verdicts and blocks.
 A finished row keeps running (shapes are fixed) but stands still: it keeps nothing, so its counters stop moving.
 
-Hybrid targets: the attention layers work as above; each Gated DeltaNet layer keeps its recurrent state after every
-position of the verify block and commits each row's kept one at the start of the next verify step
-(`dspark.gated_deltanet_states`), so a round needs no replay forward and keeps its fixed shapes. Their prefill runs
+Hybrid targets: the attention layers work as above; each Gated DeltaNet layer keeps what the verify block computed
+(its keys, corrected values and decays, and its conv inputs) and the next verify step first moves every row to its
+state after its kept tokens (`dspark.gated_deltanet_states`), so a round needs no replay forward and keeps its fixed
+shapes. Their prefill runs
 transformers' own forward (its chunked linear-attention kernels) and moves the caches into the fixed buffers.
 
 Shapes: B rows, P prompt length (left-padded), N = draft.config.num_draft_tokens drafted tokens per round,
