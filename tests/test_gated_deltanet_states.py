@@ -1,6 +1,8 @@
 """Hybrid targets' linear-attention state in fixed shapes (dspark.gated_deltanet_states): our verify forward of a
 Gated DeltaNet layer against transformers' own, the per-row commit, and the forwards' installation."""
 
+import inspect
+
 import pytest
 import torch
 from tiny_models import tiny_draft, tiny_qwen3_next, tiny_qwen35
@@ -25,7 +27,7 @@ def prefilled(target, rows: int = 2, length: int = 7, seed: int = 0) -> DynamicC
 def transformers_token_by_token(module, cache: DynamicCache, hidden: torch.Tensor):
     """The layer's own forward one token at a time (its decode path) from `cache`: outputs [B, Q, H], and the
     recurrent and conv states after each token."""
-    keyword = "cache" if "cache" in type(module).forward.__code__.co_varnames else "cache_params"
+    keyword = "cache" if "cache" in inspect.signature(module.forward).parameters else "cache_params"  # 5.2x / 5.17
     outputs, recurrent, conv = [], [], []
     for position in range(hidden.shape[1]):
         outputs.append(module(hidden[:, position : position + 1], **{keyword: cache}))
