@@ -3,7 +3,7 @@
 import pytest
 import torch
 from scipy.stats import chisquare
-from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35, tiny_qwen35_moe
+from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35, tiny_qwen35_moe, tiny_qwen35_multimodal
 
 import dspark
 import dspark.speculative as loop
@@ -400,6 +400,15 @@ def test_static_hybrid_batch_runs_one_target_forward_per_round_however_much_each
     assert any(len(set(lengths)) > 1 for lengths in zip(*per_row)), "rows must keep different lengths in a round"
     rounds = max(len(lengths) for lengths in per_row)  # the longest-running row's rounds: the loop's iterations
     assert len(forwards) == 1 + rounds and out.stats["seconds"]["rollback"] == 0
+
+
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_qwen35_inside_its_image_text_wrapper_matches_plain_generate(static_cache):
+    target = tiny_qwen35_multimodal(seed=2)
+    draft = tiny_draft(target, block_size=4, markov_rank=4)
+    prompt = torch.randint(0, 100, (7,), generator=torch.Generator().manual_seed(2))
+    out = speculative_generate(target, draft, prompt[None], max_new_tokens=12, static_cache=static_cache)
+    assert out[0, 7:].tolist() == plain_greedy(target, prompt, 12)
 
 
 def test_static_path_runs_qwen35_moe_hybrids_too():

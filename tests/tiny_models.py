@@ -76,6 +76,18 @@ def tiny_qwen35(seed: int = 0, vocab_size: int = 128, **overrides):
     return Qwen3_5ForCausalLM(config).eval()
 
 
+def tiny_qwen35_multimodal(seed: int = 0):
+    """Qwen3.5 as its checkpoints ship: the hybrid text model inside the image-text-to-text wrapper (a small vision
+    tower beside it; our loops feed it text only)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    width = HYBRID_SHAPE["hidden_size"]
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=width)
+    config = Qwen3_5Config(text_config={**HYBRID_SHAPE, "vocab_size": 128}, vision_config=vision)
+    return Qwen3_5ForConditionalGeneration(config).eval()
+
+
 def tiny_qwen35_moe(seed: int = 0):
     """A hybrid Qwen3.5 target whose MLPs are mixtures of experts (Qwen3.5-MoE: Gated DeltaNet layers as Qwen3.5's)."""
     from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
