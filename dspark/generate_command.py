@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["loop", "loop_static", "assisted"],
         default="loop",
         help="loop: dspark's own loop (any target); loop_static: its fixed-shape path (static caches, CUDA graphs on "
-        "a GPU; attention-only targets); assisted: target.generate(assistant_model=draft)",
+        "a GPU; attention-only and Qwen3.5/3.6 hybrid targets); assisted: target.generate(assistant_model=draft)",
     )
     parser.add_argument(
         "--compile",

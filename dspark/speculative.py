@@ -404,8 +404,9 @@ def speculative_generate(
     `RoundEvent` per row and round as soon as the round is verified (streaming, visualisation).
 
     static_cache=True: the fast path of `dspark.static_loop` (attention-only targets with sdpa or eager attention,
-    any batch): preallocated caches and fixed shapes every round. cuda_graphs (default: on for CUDA targets when
-    static_cache=True) captures its draft and verify steps as CUDA graphs; it needs static_cache=True and CUDA.
+    and Qwen3.5/3.6 hybrids; any batch): preallocated caches and fixed shapes every round. cuda_graphs (default: on
+    for CUDA targets when static_cache=True) captures its draft and verify steps as CUDA graphs; it needs
+    static_cache=True and CUDA.
     compile_steps=True (static_cache=True only) runs both steps through `torch.compile` first, which fuses the small
     kernels a graph would still replay one by one; the first call per setting compiles (tens of seconds).
     Unsupported settings raise a ValueError that names the way out.
@@ -476,7 +477,8 @@ def resolve_cuda_graphs(target, static_cache: bool, cuda_graphs: bool | None) ->
 class PhaseClock:
     """Wall seconds per phase of one generation (host clock: on a GPU a phase's kernels may still run when the next
     phase starts, until its first read-back). Each lap adds the time since the previous lap to a phase. rollback:
-    hybrid targets' state snapshot and replay (0 for attention-only targets)."""
+    the dynamic loop's snapshot and replay of hybrid targets' state (0 for attention-only targets, and on the static
+    path, whose hybrids commit their state inside the verify step)."""
 
     PHASES = ("prefill", "draft", "verify", "rollback", "commit")
 
