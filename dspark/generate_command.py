@@ -35,10 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true", help="no chat template: continue the text as given")
     parser.add_argument(
         "--method",
-        choices=["loop", "loop_static", "assisted"],
-        default="loop",
-        help="loop: dspark's own loop (any target); loop_static: its fixed-shape path (static caches, CUDA graphs on "
-        "a GPU; attention-only and Qwen3.5/3.6 hybrid targets); assisted: target.generate(assistant_model=draft)",
+        choices=["auto", "loop", "loop_static", "assisted"],
+        default="auto",
+        help="auto (default): loop_static for a target on a GPU that it supports (or with --compile), else loop; "
+        "loop: dspark's own loop (any target); loop_static: its fixed-shape path (static caches, CUDA graphs on a "
+        "GPU; attention-only and Qwen3.5/3.6 hybrid targets); assisted: target.generate(assistant_model=draft)",
     )
     parser.add_argument(
         "--compile",
@@ -190,14 +191,33 @@ def warm_up(target, draft, ids, args: argparse.Namespace) -> None:
     target.generate(ids, max_new_tokens=4, do_sample=False)
 
 
+def resolve_method(method: str, compile_steps: bool, target) -> str:
+    """`auto`: the fixed-shape path where it is the fast one (on a GPU: graphs remove the launch overhead that makes
+    an eager loop slower than plain decoding there) and the target supports it, or when asked to compile it."""
+    if method != "auto":
+        return method
+    if compile_steps:
+        return "loop_static"
+    if target.device.type != "cuda":
+        return "loop"
+    from .static_loop import check_static_support
+
+    try:
+        check_static_support(target)
+    except ValueError:
+        return "loop"
+    return "loop_static"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError("dspark generate: --max-new-tokens must be >= 1")
-    if args.compile and args.method != "loop_static":
+    if args.compile and args.method not in ("auto", "loop_static"):
         raise ValueError("dspark generate: --compile needs --method loop_static (it compiles the fixed-shape steps)")
     device = torch.device(args.device)
     print(f"loading target={args.target} draft={args.draft} on {device} ...", file=sys.stderr)
     target, tokenizer, draft = pair.load_pair(args.target, args.draft, device=device, dtype=args.dtype)
+    args.method = resolve_method(args.method, args.compile, target)
     ids = prompt_ids(tokenizer, args.prompt, args.raw, device)
     warm_up(target, draft, ids, args)
 

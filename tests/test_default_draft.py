@@ -141,6 +141,7 @@ def test_dspark_generate_with_defaults_runs_end_to_end_offline(tmp_path, method)
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     assert report["new_tokens"] >= 1 and report["mean_acceptance_length"] >= 1.0
+    assert report["method"] == ("loop_static" if method else "loop")  # auto on a CPU: the dynamic loop
     assert report["identical_to_plain"] is True
     assert "speedup" in report and "acceptance length" in completed.stderr
 

@@ -163,5 +163,5 @@ def test_tensor_shapes_that_disagree_with_the_config_are_refused(saved_draft, tm
 def test_generate_compile_without_the_static_path_is_refused_before_loading(capsys):
     from dspark.cli import main
 
-    assert main(["generate", "hello", "--compile", "--target", "/nonexistent/target"]) == 2
+    assert main(["generate", "hello", "--method", "loop", "--compile", "--target", "/nonexistent/target"]) == 2
     assert "--compile needs --method loop_static" in capsys.readouterr().err

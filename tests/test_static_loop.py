@@ -433,3 +433,16 @@ def test_dynamos_compile_limits_are_raised_only_while_a_runner_prepares():
     with static_loop.recompile_limit(256):
         assert config.recompile_limit >= 256 and config.accumulated_recompile_limit >= 16 * 256
     assert (config.recompile_limit, config.accumulated_recompile_limit) == before
+
+
+def test_dspark_generate_picks_the_static_path_on_a_gpu_only_or_when_asked_to_compile():
+    from dspark.generate_command import resolve_method
+
+    target = tiny_llama(seed=25)  # on the CPU, where the eager loop is as fast and needs no capture
+    assert resolve_method("auto", False, target) == "loop"
+    assert resolve_method("auto", True, target) == "loop_static"
+    assert [resolve_method(method, False, target) for method in ("loop", "loop_static", "assisted")] == [
+        "loop",
+        "loop_static",
+        "assisted",
+    ]
