@@ -12,12 +12,18 @@ backward), each method's wall time per generated token:
   plain                 `target.generate` (DynamicCache, eager): the baseline
   loop                  `speculative_generate`, the dynamic loop: snapshot the linear states, verify, replay the kept
                         tokens of rows that rejected part of the block (one forward per distinct kept length)
-  loop_static           `speculative_generate(static_cache=True)`: the verify step keeps every position's linear
-                        state and the next one commits each row's kept one (no replay); CUDA graphs on a GPU
+  loop_static           `speculative_generate(static_cache=True)`: the verify step keeps the block's keys, corrected
+                        values and decays, and the next one first moves each row to its state after its kept tokens
+                        (no replay); CUDA graphs on a GPU
   loop_static_compiled  the same with `compile_steps=True` (first call per batch size compiles, untimed)
+  decode_static_compiled
+                        plain decoding through that compiled graph path (`generate_static(draft_tokens=0)`): what a
+                        speculative round must beat
 
 and each loop's round split into its phases (host clock: draft, verify, rollback = snapshot + replay, commit; the
-static path has no rollback phase, its commit runs inside the verify step).
+static path has no rollback phase, its commit runs inside the verify step). With both compiled methods, the report
+predicts the speedup of speculation over plain decoding on the same path at acceptance lengths tau:
+tau x (decode ms per token) / (loop ms per round).
 
 Random weights accept nothing, so every round verifies Q tokens and keeps one per row: for the dynamic loop that is
 the rollback's worst case (a replay every round), for the static path a round at acceptance length 1. Real
@@ -35,6 +41,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessorList
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,11 +50,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import cost_model  # noqa: E402
 from loop_graphs import timed  # noqa: E402
 
+from dspark import static_loop  # noqa: E402
 from dspark.provenance import run_provenance  # noqa: E402
 from dspark.speculative import speculative_generate  # noqa: E402
 
 HYBRID_PRESETS = sorted(name for name, preset in cost_model.PRESETS.items() if preset.architecture == "qwen3_5")
-METHODS = ("plain", "loop", "loop_static", "loop_static_compiled")
+METHODS = ("plain", "loop", "loop_static", "loop_static_compiled", "decode_static_compiled")
+TAUS = (1.0, 2.0, 3.0, 4.0, 5.0)
 PHASES = ("draft", "verify", "rollback", "commit")
 
 
@@ -80,11 +89,18 @@ def method_runs(target, draft, tokens: int, methods: list[str]) -> dict:
 
         return run
 
+    def decode_static_compiled(ids):
+        return static_loop.generate_static(
+            target, draft, ids, torch.ones_like(ids), tokens, False, LogitsProcessorList(), set(), None,
+            ids.device.type == "cuda", ("greedy",), draft_tokens=0, compile_steps=True,
+        )  # fmt: skip
+
     runs = {
         "plain": plain,
         "loop": loop(),
         "loop_static": loop(static_cache=True),
         "loop_static_compiled": loop(static_cache=True, compile_steps=True),
+        "decode_static_compiled": decode_static_compiled,
     }
     return {name: runs[name] for name in methods}
 
@@ -97,7 +113,7 @@ def measure_batch(target, draft, batch: int, args, device: torch.device) -> dict
     for run in runs.values():  # warm-up: allocator, kernels, lazy initialisations, graph capture, compiling
         timed(run, ids, device)
     seconds = {name: [] for name in runs}
-    loops = [name for name in runs if name != "plain"]
+    loops = [name for name in runs if name.startswith("loop")]
     phases = {name: {phase: [] for phase in PHASES} for name in loops}
     rounds, acceptance = {name: [] for name in loops}, {name: [] for name in loops}
     for repeat in range(args.repeats):
@@ -125,7 +141,8 @@ def measure_batch(target, draft, batch: int, args, device: torch.device) -> dict
                 "median": ms["plain"] / ms[name],
                 "paired": [p / q for p, q in zip(seconds["plain"], seconds[name])],
             }
-            for name in loops
+            for name in runs
+            if name != "plain"
         }
     for name in loops:
         round_phases = {phase: statistics.median(values) for phase, values in phases[name].items()}
@@ -133,7 +150,13 @@ def measure_batch(target, draft, batch: int, args, device: torch.device) -> dict
             "rounds_per_call": statistics.median(rounds[name]),
             "mean_acceptance_length": statistics.median(acceptance[name]),
             "ms_per_round": round_phases,
+            "ms_per_round_wall": 1e3 * statistics.median(seconds[name]) / statistics.median(rounds[name]),
             "rollback_share_of_round": round_phases["rollback"] / max(sum(round_phases.values()), 1e-12),
+        }
+    if {"loop_static_compiled", "decode_static_compiled"} <= set(runs):
+        round_ms = entry["loop_static_compiled"]["ms_per_round_wall"]
+        entry["predicted_speedup_over_decode_static_compiled"] = {
+            str(tau): tau * ms["decode_static_compiled"] / round_ms for tau in TAUS
         }
     return entry
 

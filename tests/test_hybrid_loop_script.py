@@ -9,14 +9,21 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hybrid_loop.py"
 
 
-def test_tiny_run_reports_each_loops_phases_per_batch(tmp_path):
+def load_script():
     spec = importlib.util.spec_from_file_location("hybrid_loop", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_reports_each_loops_phases_per_batch(tmp_path):
+    module = load_script()
     module.main(
         ["--preset", "tiny-hybrid", "--device", "cpu", "--batch-sizes", "1", "3", "--prompt-length", "12",
          "--max-new-tokens", "6", "--block-size", "4", "--repeats", "2", "--methods", "plain", "loop", "loop_static",
@@ -34,3 +41,20 @@ def test_tiny_run_reports_each_loops_phases_per_batch(tmp_path):
             assert entry[name]["mean_acceptance_length"] >= 1
         assert entry["loop"]["ms_per_round"]["rollback"] > 0 and 0 < entry["loop"]["rollback_share_of_round"] < 1
         assert entry["loop_static"]["ms_per_round"]["rollback"] == 0
+
+
+@pytest.mark.slow
+def test_compiled_methods_predict_speculations_gain_over_plain_decoding_on_the_same_path(tmp_path):
+    module = load_script()
+    module.main(
+        ["--preset", "tiny-hybrid", "--device", "cpu", "--batch-sizes", "2", "--prompt-length", "12",
+         "--max-new-tokens", "6", "--block-size", "4", "--repeats", "1", "--methods", "plain", "loop_static_compiled",
+         "decode_static_compiled", "--out", str(tmp_path)]
+    )  # fmt: skip
+    (entry,) = json.loads((tmp_path / "hybrid_loop.json").read_text())["batches"]
+    assert "error" not in entry, entry
+    assert set(entry["speedup_vs_plain"]) == {"loop_static_compiled", "decode_static_compiled"}
+    round_ms = entry["loop_static_compiled"]["ms_per_round_wall"]
+    predicted = entry["predicted_speedup_over_decode_static_compiled"]
+    decode_ms = entry["ms_per_token_step"]["decode_static_compiled"]
+    assert predicted["3.0"] == pytest.approx(3 * decode_ms / round_ms)
