@@ -34,7 +34,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -85,20 +85,6 @@ class Preset:
     architecture: str = "qwen3"
 
 
-HYBRID_TINY_SHAPE = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    linear_num_key_heads=2,
-    linear_num_value_heads=2,
-    linear_key_head_dim=16,
-    linear_value_head_dim=16,
-    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-)
 PRESETS = {
     "qwen3-8b": Preset(
         target=dict(
@@ -140,47 +126,38 @@ PRESETS = {
         generate_repeats=1,
         bandwidth_mib=16,
     ),
-    # Qwen3_5TextConfig()'s defaults (Qwen3.5-9B's text model): 32 layers, a full-attention layer after every three
-    # Gated DeltaNet ones.
-    "qwen3.5-9b": Preset(
-        target=dict(
-            hidden_size=4096,
-            num_hidden_layers=32,
-            num_attention_heads=16,
-            num_key_value_heads=4,
-            head_dim=256,
-            intermediate_size=12288,
-            vocab_size=248320,
-            linear_num_key_heads=16,
-            linear_num_value_heads=32,
-            linear_key_head_dim=128,
-            linear_value_head_dim=128,
-        ),
-        dtype="bfloat16",
-        context=512,
-        draft_layers=[1, 5],
-        markov_rank=256,
-        repeats=20,
-        warmup=3,
-        generate_tokens=64,
-        generate_repeats=3,
-        bandwidth_mib=2048,
-        architecture="qwen3_5",
-    ),
-    "tiny-hybrid": Preset(
-        target=HYBRID_TINY_SHAPE,
-        dtype="float32",
-        context=32,
-        draft_layers=[1, 2],
-        markov_rank=8,
-        repeats=3,
-        warmup=1,
-        generate_tokens=4,
-        generate_repeats=1,
-        bandwidth_mib=16,
-        architecture="qwen3_5",
-    ),
 }
+# Hybrid targets, measured with the sizes of their attention-only counterparts. qwen3.5-9b: Qwen3_5TextConfig()'s
+# defaults (Qwen3.5-9B's text model), 32 layers, a full-attention layer after every three Gated DeltaNet ones.
+QWEN35_9B_SHAPE = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=256,
+    intermediate_size=12288,
+    vocab_size=248320,
+    linear_num_key_heads=16,
+    linear_num_value_heads=32,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+)
+HYBRID_TINY_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+)
+PRESETS["qwen3.5-9b"] = replace(PRESETS["qwen3-8b"], target=QWEN35_9B_SHAPE, architecture="qwen3_5")
+PRESETS["tiny-hybrid"] = replace(PRESETS["tiny"], target=HYBRID_TINY_SHAPE, architecture="qwen3_5")
 ATTENTION_ONLY_PRESETS = sorted(name for name, preset in PRESETS.items() if preset.architecture == "qwen3")
 
 
