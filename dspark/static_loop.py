@@ -17,8 +17,8 @@ A finished row keeps running (shapes are fixed) but stands still: it keeps nothi
 Hybrid targets: the attention layers work as above; each Gated DeltaNet layer keeps what the verify block computed
 (its keys, corrected values and decays, and its conv inputs) and the next verify step first moves every row to its
 state after its kept tokens (`dspark.gated_deltanet_states`), so a round needs no replay forward and keeps its fixed
-shapes. Their prefill runs
-transformers' own forward (its chunked linear-attention kernels) and moves the caches into the fixed buffers.
+shapes. Their prefill runs transformers' own forward (its chunked linear-attention kernels) and moves the caches
+into the fixed buffers.
 
 Shapes: B rows, P prompt length (left-padded), N = draft.config.num_draft_tokens drafted tokens per round,
 Q = N + 1 verified positions, S = draft block size, F = K * H_target feature width, V vocabulary, L / Ld target /
@@ -60,7 +60,6 @@ from .static_cache import (
     bucket_length,
     causal_key_mask,
     row_static_cache,
-    write_rows,
 )
 from .verify import Verdict, verify
 
@@ -276,12 +275,8 @@ class StaticSpeculativeRunner:
         """Hybrid targets: copy a prefill's transformers cache into the fixed ones (attention entries from index 0 on,
         where the static prefill would have written them; linear states into their layers' buffers)."""
         for index, layer in enumerate(cache.layers):
-            if index not in self.linear_states.layers:
-                ours = self.target_cache.layers[index]
-                if not ours.is_initialized:
-                    ours.lazy_initialization(layer.keys, layer.values)
-                write_rows(ours.keys, self.buffers.target_write, layer.keys)
-                write_rows(ours.values, self.buffers.target_write, layer.values)
+            if index not in self.linear_states.layers:  # a RowStaticLayer: writes each row from target_write (0)
+                self.target_cache.layers[index].update(layer.keys, layer.values)
         self.linear_states.load_prefill(cache)
 
     def format_mask(self, visible: torch.Tensor) -> torch.Tensor:
