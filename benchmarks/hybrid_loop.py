@@ -41,16 +41,14 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessorList
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import cost_model  # noqa: E402
-from loop_graphs import timed  # noqa: E402
+import loop_graphs  # noqa: E402
 
-from dspark import static_loop  # noqa: E402
 from dspark.provenance import run_provenance  # noqa: E402
 from dspark.speculative import speculative_generate  # noqa: E402
 
@@ -89,18 +87,14 @@ def method_runs(target, draft, tokens: int, methods: list[str]) -> dict:
 
         return run
 
-    def decode_static_compiled(ids):
-        return static_loop.generate_static(
-            target, draft, ids, torch.ones_like(ids), tokens, False, LogitsProcessorList(), set(), None,
-            ids.device.type == "cuda", ("greedy",), draft_tokens=0, compile_steps=True,
-        )  # fmt: skip
-
+    # loop_graphs' plain decoding through the compiled graph path (it returns the first row's tokens; all rows run)
+    graph_path = loop_graphs.methods(target, draft, set(), tokens, use_graphs=target.device.type == "cuda")
     runs = {
         "plain": plain,
         "loop": loop(),
         "loop_static": loop(static_cache=True),
         "loop_static_compiled": loop(static_cache=True, compile_steps=True),
-        "decode_static_compiled": decode_static_compiled,
+        "decode_static_compiled": graph_path["decode_graph_compiled"],
     }
     return {name: runs[name] for name in methods}
 
@@ -111,14 +105,14 @@ def measure_batch(target, draft, batch: int, args, device: torch.device) -> dict
     tokens = args.max_new_tokens
     runs = method_runs(target, draft, tokens, args.methods)
     for run in runs.values():  # warm-up: allocator, kernels, lazy initialisations, graph capture, compiling
-        timed(run, ids, device)
+        loop_graphs.timed(run, ids, device)
     seconds = {name: [] for name in runs}
     loops = [name for name in runs if name.startswith("loop")]
     phases = {name: {phase: [] for phase in PHASES} for name in loops}
     rounds, acceptance = {name: [] for name in loops}, {name: [] for name in loops}
     for repeat in range(args.repeats):
         for name in list(runs) if repeat % 2 == 0 else list(runs)[::-1]:
-            result, elapsed = timed(runs[name], ids, device)
+            result, elapsed = loop_graphs.timed(runs[name], ids, device)
             seconds[name].append(elapsed)
             if name in loops:
                 stats = result.stats
