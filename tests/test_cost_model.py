@@ -7,24 +7,12 @@ predictions.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_model.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("cost_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from module_files import load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +21,7 @@ def report(tmp_path_factory) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: thread start-up and a busy CPU cost more than they gain
     try:
-        returned = load_script().main(["--preset", "tiny", "--device", "cpu", "--out", str(out)])
+        returned = load_benchmark("cost_model").main(["--preset", "tiny", "--device", "cpu", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     written = json.loads((out / "cost_model.json").read_text())

@@ -4,26 +4,14 @@ which GDN kernels were there."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hybrid_loop.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("hybrid_loop", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from module_files import load_benchmark
 
 
 def test_tiny_run_reports_each_loops_phases_per_batch(tmp_path):
-    module = load_script()
+    module = load_benchmark("hybrid_loop")
     module.main(
         ["--preset", "tiny-hybrid", "--device", "cpu", "--batch-sizes", "1", "3", "--prompt-length", "12",
          "--max-new-tokens", "6", "--block-size", "4", "--repeats", "2", "--methods", "plain", "loop", "loop_static",
@@ -45,7 +33,7 @@ def test_tiny_run_reports_each_loops_phases_per_batch(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_methods_predict_speculations_gain_over_plain_decoding_on_the_same_path(tmp_path):
-    module = load_script()
+    module = load_benchmark("hybrid_loop")
     module.main(
         ["--preset", "tiny-hybrid", "--device", "cpu", "--batch-sizes", "2", "--prompt-length", "12",
          "--max-new-tokens", "6", "--block-size", "4", "--repeats", "1", "--methods", "plain", "loop_static_compiled",

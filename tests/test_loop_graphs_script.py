@@ -6,24 +6,18 @@ that all of them emitted plain greedy's tokens (float32), and that the report ha
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
+from module_files import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_graphs.py"
 # The compiled variants are left out here: torch.compile of their steps is checked in test_static_loop.py, and
 # compiling again would add a minute for nothing this smoke test can see.
 METHODS = ["hf_generate", "loop_dynamic", "loop_static_eager", "loop_static", "decode_graph"]
 
 
 def test_tiny_run_writes_a_complete_report(tmp_path):
-    spec = importlib.util.spec_from_file_location("loop_graphs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("loop_graphs")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

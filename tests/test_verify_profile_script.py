@@ -3,23 +3,15 @@ and kernel breakdown, inductor options are checked by name, and kernel names fal
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "verify_profile.py"
+from module_files import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def verify_profile():
-    spec = importlib.util.spec_from_file_location("verify_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("verify_profile")
 
 
 def test_tiny_run_reports_both_verify_shapes(verify_profile, tmp_path):

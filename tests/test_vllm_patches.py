@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import markov_reference as markov
 import pytest
 import torch
+from module_files import load_module
 from safetensors.torch import load_file
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper
 
@@ -127,14 +127,6 @@ def lift(source: str, names: list[str], namespace: dict) -> dict:
         module = ast.Module(body=[node], type_ignores=[])
         exec(compile(module, f"<lifted {name}>", "exec"), namespace)
     return namespace
-
-
-def load_module(path: Path, name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class body runs
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
