@@ -21,6 +21,9 @@ Methods, batch 1, greedy, the same prompts, interleaved ABBA (method list forwar
                      the same two with `compile_steps=True`: the steps run through torch.compile (inductor fuses the
                      small kernels) before graph capture; the first call per setting compiles (tens of seconds,
                      untimed: it happens in the warm-up)
+  loop_static_skinny, decode_graph_skinny
+                     the compiled two with `skinny_kernels=True`: the verify step's projections through
+                     dspark.skinny_linear's weight-streaming Triton kernels instead of cuBLAS
 Per method: ms per new token (median, quartiles), and per (prompt, repeat) the speedup over hf_generate.
 Phases of the graph path (CUDA events on the warm runner): draft-step replay, verify-step replay, the eager accept
 step with its host read-back, and the per-round overhead: round wall time - (draft + verify).
@@ -65,13 +68,17 @@ METHODS = (
     "decode_graph",
     "loop_static_compiled",
     "decode_graph_compiled",
+    "loop_static_skinny",
+    "decode_graph_skinny",
 )
-# The graph-path methods whose warm runner gets its phases timed: (method, draft tokens, compiled steps).
+# The graph-path methods whose warm runner gets its phases timed: (method, draft tokens, compiled steps, kernels).
 PHASED = (
-    ("loop_static", None, False),
-    ("decode_graph", 0, False),
-    ("loop_static_compiled", None, True),
-    ("decode_graph_compiled", 0, True),
+    ("loop_static", None, False, False),
+    ("decode_graph", 0, False, False),
+    ("loop_static_compiled", None, True, False),
+    ("decode_graph_compiled", 0, True, False),
+    ("loop_static_skinny", None, True, True),
+    ("decode_graph_skinny", 0, True, True),
 )
 
 
@@ -145,21 +152,23 @@ def methods(target, draft, stop_ids: set[int], max_new_tokens: int, use_graphs: 
         )  # fmt: skip
         return out[0, ids.shape[1] :].tolist()
 
-    def loop(static: bool, graphs: bool, compiled: bool = False):
+    def loop(static: bool, graphs: bool, compiled: bool = False, skinny: bool = False):
         def run(ids):
             out = speculative_generate(
                 target, draft, ids, max_new_tokens=max_new_tokens, eos_token_id=eos or [], return_stats=True,
                 static_cache=static, cuda_graphs=graphs if static else None, compile_steps=compiled,
+                skinny_kernels=skinny,
             )  # fmt: skip
             return out.generated[0]
 
         return run
 
-    def decode_graph(compiled: bool):
+    def decode_graph(compiled: bool, skinny: bool = False):
         def run(ids):
             generated, _, _ = static_loop.generate_static(
                 target, draft, ids, torch.ones_like(ids), max_new_tokens, False, LogitsProcessorList(), stop_ids,
                 None, use_graphs, (False, 1.0, None, None), draft_tokens=0, compile_steps=compiled,
+                skinny_kernels=skinny,
             )  # fmt: skip
             return generated[0]
 
@@ -173,6 +182,8 @@ def methods(target, draft, stop_ids: set[int], max_new_tokens: int, use_graphs: 
         "decode_graph": decode_graph(compiled=False),
         "loop_static_compiled": loop(True, use_graphs, compiled=True),
         "decode_graph_compiled": decode_graph(compiled=True),
+        "loop_static_skinny": loop(True, use_graphs, compiled=True, skinny=True),
+        "decode_graph_skinny": decode_graph(compiled=True, skinny=True),
     }
 
 
@@ -261,9 +272,10 @@ def identity_checks(outputs: list[dict]) -> dict:
     return checks
 
 
-def runner_of(draft, draft_tokens: int | None, use_graphs: bool, compiled: bool):
+def runner_of(draft, draft_tokens: int | None, use_graphs: bool, compiled: bool, skinny: bool):
+    wanted = (use_graphs, draft_tokens, compiled, skinny)
     for runner in static_loop._RUNNERS.get(draft, {}).values():
-        if (runner.use_graphs, runner.draft_tokens, runner.compile_steps) == (use_graphs, draft_tokens, compiled):
+        if (runner.use_graphs, runner.draft_tokens, runner.compile_steps, runner.skinny_kernels) == wanted:
             return runner
     return None
 
@@ -290,12 +302,12 @@ def phases(runner, ids: torch.Tensor, device: torch.device, repeats: int) -> dic
     return result
 
 
-def round_time(target, draft, ids, max_new_tokens: int, stop_ids, use_graphs: bool, compiled: bool) -> dict:
+def round_time(target, draft, ids, max_new_tokens: int, stop_ids, use_graphs: bool, compiled: bool, skinny: bool):
     """Wall ms per round of one loop_static call (prefill excluded), with its rounds and acceptance."""
     eos = sorted(stop_ids) or []
     out = speculative_generate(
         target, draft, ids, max_new_tokens=max_new_tokens, eos_token_id=eos, return_stats=True, static_cache=True,
-        cuda_graphs=use_graphs, compile_steps=compiled,
+        cuda_graphs=use_graphs, compile_steps=compiled, skinny_kernels=skinny,
     )  # fmt: skip
     seconds = out.stats["seconds"]
     rounds = max(out.stats["rounds"], 1)
@@ -336,14 +348,16 @@ def measure_target(name: str, args) -> dict:
         "checks": identity_checks(outputs),
     }
     goals = {}
-    for method, draft_tokens, compiled in PHASED:
-        runner = runner_of(draft, draft_tokens, use_graphs, compiled)
+    for method, draft_tokens, compiled, skinny in PHASED:
+        runner = runner_of(draft, draft_tokens, use_graphs, compiled, skinny)
         if runner is None or method not in runs:
             continue
-        suffix = "_compiled" if compiled else ""
+        suffix = "_skinny" if skinny else "_compiled" if compiled else ""
         entry = {"phases_ms": phases(runner, prompts[0], device, args.phase_repeats)}
         if draft_tokens is None:
-            entry["round"] = round_time(target, draft, prompts[0], max_new_tokens, stop_ids, use_graphs, compiled)
+            entry["round"] = round_time(
+                target, draft, prompts[0], max_new_tokens, stop_ids, use_graphs, compiled, skinny
+            )
             steps = sum(entry["phases_ms"][step]["median_ms"] for step in ("draft", "verify"))
             entry["round_overhead_fraction"] = 1 - steps / entry["round"]["ms_per_round"]
             entry["verify_roofline"] = cost_model.forward_roofline(target, runner.max_len, device)
@@ -362,6 +376,8 @@ def measure_target(name: str, args) -> dict:
         ("decode_graph_compiled", " (goal >= 5)"),
         ("loop_static", ""),
         ("loop_static_compiled", ""),
+        ("decode_graph_skinny", " (goal >= 5)"),
+        ("loop_static_skinny", ""),
     ):
         speedup = report["methods"].get(method, {}).get("speedup_vs_hf_generate")
         if speedup:

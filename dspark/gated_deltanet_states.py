@@ -32,13 +32,14 @@ value heads, Dk / Dv their widths.
 
 from __future__ import annotations
 
-import contextlib
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+
+from .installed_forwards import installed_forwards
 
 # What `block_forward` reads from a layer module (transformers' Qwen3.5 / Qwen3.5-MoE Gated DeltaNet).
 GATED_DELTANET_PARTS = (
@@ -234,25 +235,12 @@ class GatedDeltaNetStates:
             index: GatedDeltaNetBlockState(module, batch, queries, self.kept, target.dtype)
             for index, module in self.modules.items()
         }
-        # One bound forward per module, made once: compiled code guards on the object it traced through.
-        self.forwards = {
-            index: types.MethodType(_dispatching_forward, module) for index, module in self.modules.items()
-        }
+        # One bound forward per module, made once (see `installed_forwards`).
+        self.forwards = {module: types.MethodType(_dispatching_forward, module) for module in self.modules.values()}
 
-    @contextlib.contextmanager
     def installed(self):
         """Route the layers' forwards through `_dispatching_forward` for the duration (re-entrant)."""
-        previous = {index: module.__dict__.get("forward") for index, module in self.modules.items()}
-        for index, module in self.modules.items():
-            module.forward = self.forwards[index]
-        try:
-            yield
-        finally:
-            for index, module in self.modules.items():
-                if previous[index] is None:
-                    del module.forward
-                else:
-                    module.forward = previous[index]
+        return installed_forwards(self.forwards)
 
     def load_prefill(self, cache) -> None:
         """Take the linear states a transformers cache holds after the prefill; the first verify commits nothing."""

@@ -395,6 +395,7 @@ def speculative_generate(
     static_cache: bool = False,
     cuda_graphs: bool | None = None,
     compile_steps: bool = False,
+    skinny_kernels: bool = False,
 ) -> torch.Tensor | SpeculativeOutput:
     """Generate with `draft` proposing and `target` verifying; greedy output equals the target's own, sampling is exact.
 
@@ -409,6 +410,8 @@ def speculative_generate(
     static_cache=True and CUDA.
     compile_steps=True (static_cache=True only) runs both steps through `torch.compile` first, which fuses the small
     kernels a graph would still replay one by one; the first call per setting compiles (tens of seconds).
+    skinny_kernels=True (static_cache=True, a bf16 / fp16 target on a CUDA GPU, Triton installed) runs the verify
+    step's projections through `dspark.skinny_linear`'s weight-streaming kernels instead of cuBLAS.
     Unsupported settings raise a ValueError that names the way out.
     """
     if draft.target is not target:
@@ -438,6 +441,8 @@ def speculative_generate(
     use_graphs = resolve_cuda_graphs(target, static_cache, cuda_graphs)
     if compile_steps and not static_cache:
         raise ValueError("dspark: compile_steps=True needs static_cache=True (it compiles the fixed-shape steps)")
+    if skinny_kernels and not static_cache:
+        raise ValueError("dspark: skinny_kernels=True needs static_cache=True (the kernels run in its verify step)")
     if static_cache:
         from .static_loop import check_static_support, generate_static  # static_loop imports RoundEvent from here
 
@@ -452,6 +457,7 @@ def speculative_generate(
             sampling_key=(do_sample, temperature, top_k, top_p),
             on_round=on_round,
             compile_steps=compile_steps,
+            skinny_kernels=skinny_kernels,
         )
         run = RunResult(generated, acceptance, seconds)
     else:

@@ -46,6 +46,7 @@ from .modeling_dspark import (
     extract_target_features,
     target_is_stateful,
 )
+from .skinny_linear import SkinnyProjections
 from .speculative import (
     PhaseClock,
     RoundCallback,
@@ -151,9 +152,11 @@ class StaticSpeculativeRunner:
         key: tuple = (),
         draft_tokens: int | None = None,
         compile_steps: bool = False,
+        skinny_kernels: bool = False,
     ):
         self.key = key  # what `runner_for` compares to decide whether a later call can reuse this runner
         self.use_graphs, self.draft_tokens, self.compile_steps = use_graphs, draft_tokens, compile_steps
+        self.skinny_kernels = skinny_kernels
         self.target, self.draft = target, draft
         self.processors, self.do_sample = processors, do_sample
         self.batch, self.max_len = batch, max_len
@@ -188,6 +191,8 @@ class StaticSpeculativeRunner:
         # Hybrid targets: the Gated DeltaNet layers' fixed states, in the target cache at their layers' places.
         hybrid = bool(linear_attention_layer_ids(target))
         self.linear_states = GatedDeltaNetStates(target, batch, self.queries) if hybrid else None
+        # The verify block's projections through weight-streaming kernels (`dspark.skinny_linear`).
+        self.projections = SkinnyProjections(target) if skinny_kernels else None
         linear_layers = self.linear_states.layers if self.linear_states else None
         self.target_cache = row_static_cache(target.config, max_len, self.buffers.target_write, linear_layers)
         # The draft cache also holds a whole verify block of context and the drafted block beyond the sequence.
@@ -328,9 +333,12 @@ class StaticSpeculativeRunner:
         b.target_write.copy_(b.length)
         b.target_mask.copy_(self.format_mask(causal_key_mask(b.length, b.padding, self.queries, self.max_len)))
         offsets = torch.arange(self.queries, device=b.anchor.device)
-        # hybrid targets: their Gated DeltaNet layers run `block_forward` on our cache entries during the call
-        installed = self.linear_states.installed() if self.linear_states else contextlib.nullcontext()
-        with installed:
+        with contextlib.ExitStack() as installed:
+            # hybrid targets: their Gated DeltaNet layers run `block_forward` on our cache entries during the call
+            if self.linear_states is not None:
+                installed.enter_context(self.linear_states.installed())
+            if self.projections is not None:
+                installed.enter_context(self.projections.installed())
             out = model(
                 input_ids=torch.cat([b.anchor[:, None], b.block_tokens], dim=1),
                 attention_mask=b.target_mask,
@@ -392,11 +400,13 @@ def runner_for(
     sampling_key: tuple,
     draft_tokens: int | None = None,
     compile_steps: bool = False,
+    skinny_kernels: bool = False,
 ) -> StaticSpeculativeRunner:
     """The runner for this setting (target, batch, sampling, graphs, draft tokens, compiling) if its caches hold
     `needed` tokens, else a new one in its place (a longer one: graphs are captured once per setting and length)."""
     runners = _RUNNERS.setdefault(draft, {})
-    key = (id(target), batch, sampling_key, use_graphs, draft_tokens, compile_steps, target.dtype, str(target.device))
+    setting = (use_graphs, draft_tokens, compile_steps, skinny_kernels)
+    key = (id(target), batch, sampling_key, *setting, target.dtype, str(target.device))
     runner = runners.pop(key, None)  # re-inserted below: the dict's order is least recently used first
     fresh = runner is None or runner.max_len < needed
     if fresh:
@@ -405,7 +415,7 @@ def runner_for(
             runners.pop(next(iter(runners)))
         max_len = bucket_length(needed)
         runner = StaticSpeculativeRunner(
-            target, draft, batch, max_len, processors, do_sample, use_graphs, key, draft_tokens, compile_steps
+            target, draft, batch, max_len, processors, do_sample, use_graphs, key, *setting[1:]
         )
     runners[key] = runner
     if fresh:
@@ -429,6 +439,7 @@ def generate_static(
     on_round: RoundCallback | None = None,
     draft_tokens: int | None = None,
     compile_steps: bool = False,
+    skinny_kernels: bool = False,
 ) -> tuple[list[list[int]], AcceptanceStats, dict[str, float]]:
     """Rows [B, P] (left-padded where attention_mask is 0) through the static loop; returns (generated tokens per
     row, acceptance stats, seconds per phase).
@@ -436,7 +447,8 @@ def generate_static(
     `on_round` receives a `RoundEvent` per row and round (and one for the prefill's token), as in the dynamic loop.
     `draft_tokens` verifies fewer than the draft's N tokens per round; 0 is plain decoding (one
     target forward per token, no draft), the baseline of the graph path itself. `compile_steps` runs the draft and
-    verify steps through `torch.compile` (then, on CUDA, captures the compiled kernels as graphs).
+    verify steps through `torch.compile` (then, on CUDA, captures the compiled kernels as graphs). `skinny_kernels`
+    runs the verify step's projections through `dspark.skinny_linear`'s kernels.
     """
     batch = input_ids.shape[0]
     # A row's last round may keep a whole block past its budget (up to P + max_new_tokens + N entries), and in a
@@ -444,7 +456,17 @@ def generate_static(
     queries = draft.config.num_draft_tokens + 1
     needed = input_ids.shape[1] + max_new_tokens + 2 * queries
     runner = runner_for(
-        target, draft, batch, needed, processors, do_sample, use_graphs, sampling_key, draft_tokens, compile_steps
+        target,
+        draft,
+        batch,
+        needed,
+        processors,
+        do_sample,
+        use_graphs,
+        sampling_key,
+        draft_tokens,
+        compile_steps,
+        skinny_kernels,
     )
     acceptance = AcceptanceStats(num_slots=runner.count)
     clock = PhaseClock()  # no rollback phase here: hybrid targets commit their states inside the verify step

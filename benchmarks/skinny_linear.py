@@ -1,0 +1,217 @@
+"""Weight-streaming speed of dspark.skinny_linear's kernels against cuBLAS, for every product a target's verify step
+routes through them (issue #3: the verify step within 1.5x of its roofline).
+
+    python3 benchmarks/skinny_linear.py --out $OUT                                 # Qwen3-8B shape, on a GPU
+    python3 benchmarks/skinny_linear.py --preset qwen3.5-9b --out $OUT
+    python3 benchmarks/skinny_linear.py --preset tiny --device cpu --out /tmp/sl   # smoke run (Triton interpreter)
+
+Products: the target of benchmarks/cost_model.py's preset is built on the meta device (no weights) and
+`routed_modules` lists what the kernels run: gated MLPs (gate and up in one launch, SiLU in the epilogue), then every
+other linear layer (attention projections, down projections, the output head); equal shapes are timed once.
+Per product and row count (--rows):
+  cublas    F.linear (gated: its two GEMMs, without the activation kernel cuBLAS would still need)
+  planned   the kernel with `plan_launch`'s tiles and splits: what the loop runs
+  best      (rows in --sweep-rows) the fastest of a sweep: tiles x splits first, then stages x warps for the best
+Timing: a CUDA graph runs the product once over each of as many weight copies as fill 4x the L2 cache (so no
+weight is served from cache), replayed --repeats times; median microseconds per product and GB/s of weight bytes,
+beside the measured device-to-device copy bandwidth. Check: each kernel's output against cuBLAS's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import cost_model  # noqa: E402
+
+from dspark import skinny_linear  # noqa: E402
+from dspark.provenance import run_provenance  # noqa: E402
+
+TILES = list(itertools.product((32, 64, 128), (64, 128, 256)))  # (block_out, block_in)
+PIPELINES = list(itertools.product((3, 4, 5, 6), (4, 8)))  # (stages, warps)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory for skinny_linear.json")
+    parser.add_argument("--preset", default="qwen3-8b", choices=sorted(cost_model.PRESETS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 9, 16, 36, 64])
+    parser.add_argument("--sweep-rows", type=int, nargs="*", default=[9])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=400, help="stop sweeping after this long (results so far)")
+    return parser.parse_args(argv)
+
+
+def products(preset_name: str) -> list[dict]:
+    """The distinct (out, in, gated) products of the preset's target, with the modules that have each shape."""
+    preset = cost_model.PRESETS[preset_name]
+    target = cost_model.build_target(preset.target, torch.device("meta"), torch.bfloat16, preset.architecture)
+    names = {module: name for name, module in target.named_modules()}
+    mlps, linears = skinny_linear.routed_modules(target)
+    found: dict[tuple, dict] = {}
+    shapes = [(m.gate_proj.weight.shape, True, m) for m in mlps] + [(m.weight.shape, False, m) for m in linears]
+    for (out_features, in_features), gated, module in shapes:
+        entry = found.setdefault((out_features, in_features, gated), {"modules": []})
+        entry["modules"].append(names[module])
+    return [
+        {"out_features": n, "in_features": k, "gated": g, "count": len(e["modules"]), "example": e["modules"][0]}
+        for (n, k, g), e in found.items()
+    ]
+
+
+class Product:
+    """Weight copies of one product on the device, an input of `rows` rows, and timed runs over all copies."""
+
+    def __init__(self, spec: dict, rows: int, device: torch.device, dtype: torch.dtype):
+        self.spec, self.rows, self.device = spec, rows, device
+        n, k = spec["out_features"], spec["in_features"]
+        matrices = 2 if spec["gated"] else 1
+        self.weight_bytes = matrices * n * k * torch.finfo(dtype).bits // 8
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+        copies = max(2, math.ceil(4 * l2 / self.weight_bytes)) if device.type == "cuda" else 1
+        generator = torch.Generator(device).manual_seed(rows)
+        self.weights = [
+            [torch.randn(n, k, device=device, generator=generator).mul_(k**-0.5).to(dtype) for _ in range(matrices)]
+            for _ in range(copies)
+        ]
+        self.x = torch.randn(rows, k, device=device, generator=generator).to(dtype)
+
+    def cublas(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        outs = [torch.nn.functional.linear(self.x, w) for w in weights]
+        return outs[0] if len(outs) == 1 else torch.nn.functional.silu(outs[0]) * outs[1]
+
+    def kernel(self, weights: list[torch.Tensor], plan: skinny_linear.LaunchPlan | None) -> torch.Tensor:
+        up = weights[1] if len(weights) == 2 else None
+        return skinny_linear.launch(self.x, weights[0], up, None, plan)
+
+    def microseconds(self, run, repeats: int) -> float:
+        """Median microseconds per product: one pass over every weight copy, in a CUDA graph on a GPU."""
+
+        def one_pass():
+            for weights in self.weights:
+                run(weights)
+
+        one_pass()  # compiles, and fails here (e.g. too much shared memory) rather than inside the capture
+        if self.device.type != "cuda":
+            started = time.perf_counter()
+            one_pass()
+            return 1e6 * (time.perf_counter() - started) / len(self.weights)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            one_pass()
+        samples = []
+        for _ in range(repeats + 2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(1e3 * start.elapsed_time(end) / len(self.weights))
+        return statistics.median(samples[2:])
+
+    def entry(self, run, repeats: int, reference: torch.Tensor | None = None) -> dict:
+        us = self.microseconds(run, repeats)
+        result = {"us": us, "gb_per_s": self.weight_bytes / (us * 1e-6) / 1e9}
+        if reference is not None:
+            out = run(self.weights[0]).float()
+            result["max_abs_difference_vs_cublas"] = float((out - reference).abs().max() / reference.abs().max())
+        return result
+
+
+def sweep(product: Product, processors: int, repeats: int) -> list[dict]:
+    """Tiles x splits at 4 stages and 4 warps, then stages x warps for the best tiles and split."""
+    rows, k = product.rows, product.spec["in_features"]
+    block_rows = max(16, 1 << (rows - 1).bit_length())
+    tried = []
+
+    def attempt(plan: skinny_linear.LaunchPlan) -> None:
+        try:
+            result = product.entry(lambda weights: product.kernel(weights, plan), repeats)
+        except Exception as error:  # too much shared memory for a tile, say: a result, not a crash
+            result = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+        tried.append({"plan": plan.__dict__, **result})
+
+    for block_out, block_in in TILES:
+        steps = math.ceil(k / block_in)
+        tiles = math.ceil(product.spec["out_features"] / block_out)
+        splits = 1
+        while splits == 1 or (splits <= 32 and steps // splits >= 2):
+            if tiles * splits <= 16 * processors:
+                attempt(skinny_linear.LaunchPlan(block_rows, block_out, block_in, splits))
+            splits *= 2
+    timed = [entry for entry in tried if "us" in entry]
+    if timed:
+        best = min(timed, key=lambda entry: entry["us"])["plan"]
+        for stages, warps in PIPELINES:
+            if (stages, warps) != (best["stages"], best["warps"]):
+                attempt(skinny_linear.LaunchPlan(**{**best, "stages": stages, "warps": warps}))
+    return tried
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter's bf16 product is broken
+    processors = skinny_linear.processor_count(device)
+    started = time.perf_counter()
+    report = {
+        "provenance": run_provenance(args.device),
+        "preset": args.preset,
+        "dtype": str(dtype),
+        "processors": processors,
+        "copy_bandwidth": cost_model.copy_bandwidth(device, 2048 if device.type == "cuda" else 16, 3, 10),
+        "products": [],
+    }
+    for spec in products(args.preset):
+        entry = {**spec, "rows": {}}
+        report["products"].append(entry)
+        for rows in args.rows:
+            try:
+                product = Product(spec, rows, device, dtype)
+                cublas = product.entry(product.cublas, args.repeats)
+                reference = product.cublas(product.weights[0]).float()
+                plan = skinny_linear.plan_launch(rows, spec["out_features"], spec["in_features"], processors)
+                planned = product.entry(lambda w, p=product: p.kernel(w, None), args.repeats, reference)
+                result = {"cublas": cublas, "planned": {"plan": plan.__dict__, **planned}}
+                result["planned_speedup"] = cublas["us"] / planned["us"]
+                if rows in args.sweep_rows and time.perf_counter() - started < args.seconds:
+                    tried = sweep(product, processors, args.repeats)
+                    timed = sorted((t for t in tried if "us" in t), key=lambda t: t["us"])
+                    result["best"] = timed[0] if timed else None
+                    result["sweep"] = tried
+                entry["rows"][rows] = result
+                best = result.get("best")
+                best_text = f" | best {best['us']:8.1f} us {best['plan']}" if best else ""
+                print(
+                    f"{spec['example']:>32} {spec['out_features']:>6}x{spec['in_features']:<6} rows {rows:>2}: "
+                    f"cublas {cublas['us']:8.1f} us {cublas['gb_per_s']:6.0f} GB/s | planned {planned['us']:8.1f} us "
+                    f"{planned['gb_per_s']:6.0f} GB/s{best_text}",
+                    flush=True,
+                )
+                del product
+            except Exception as error:
+                traceback.print_exc()
+                entry["rows"][rows] = {"error": f"{type(error).__name__}: {str(error)[:600]}"}
+            report["wall_seconds"] = time.perf_counter() - started
+            (out / "skinny_linear.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
