@@ -6,10 +6,11 @@ routes through them (issue #3: the verify step within 1.5x of its roofline).
     python3 benchmarks/skinny_linear.py --preset tiny --device cpu --out /tmp/sl   # smoke run (Triton interpreter)
 
 Products: the target of benchmarks/cost_model.py's preset is built on the meta device (no weights) and
-`routed_modules` lists what the kernels run: gated MLPs (gate and up in one launch, SiLU in the epilogue), then every
-other linear layer (attention projections, down projections, the output head); equal shapes are timed once.
+`routed_modules` lists what the kernels run: gated MLPs (gate and up in one launch, SiLU in the epilogue), projection
+groups (q, k and v; a Gated DeltaNet layer's four input projections: one launch each), then every other linear layer
+(o and down projections, the output head); equal shapes are timed once.
 Per product and row count (--rows):
-  cublas    F.linear (gated: its two GEMMs, without the activation kernel cuBLAS would still need)
+  cublas    F.linear per weight (gated: the two GEMMs, without the activation kernel cuBLAS would still need)
   planned   the kernel with `plan_launch`'s tiles and splits: what the loop runs
   best      (rows in --sweep-rows) the fastest of a sweep: tiles x splits first, then stages x warps for the best
 Timing: a CUDA graph runs the product once over each of as many weight copies as fill 4x the L2 cache (so no
@@ -61,15 +62,16 @@ def products(preset_name: str) -> list[dict]:
     preset = cost_model.PRESETS[preset_name]
     target = cost_model.build_target(preset.target, torch.device("meta"), torch.bfloat16, preset.architecture)
     names = {module: name for name, module in target.named_modules()}
-    mlps, linears = skinny_linear.routed_modules(target)
-    found: dict[tuple, dict] = {}
-    shapes = [(m.gate_proj.weight.shape, True, m) for m in mlps] + [(m.weight.shape, False, m) for m in linears]
-    for (out_features, in_features), gated, module in shapes:
-        entry = found.setdefault((out_features, in_features, gated), {"modules": []})
-        entry["modules"].append(names[module])
+    mlps, groups, linears = skinny_linear.routed_modules(target)
+    found: dict[tuple, list[str]] = {}
+    launches = [([m.gate_proj, m.up_proj], True, m) for m in mlps]
+    launches += [(members, False, members[0]) for members in groups] + [([m], False, m) for m in linears]
+    for members, gated, module in launches:
+        widths = tuple(member.out_features for member in members)
+        found.setdefault((widths, members[0].in_features, gated), []).append(names[module])
     return [
-        {"out_features": n, "in_features": k, "gated": g, "count": len(e["modules"]), "example": e["modules"][0]}
-        for (n, k, g), e in found.items()
+        {"widths": list(widths), "in_features": k, "gated": gated, "count": len(modules), "example": modules[0]}
+        for (widths, k, gated), modules in found.items()
     ]
 
 
@@ -78,25 +80,23 @@ class Product:
 
     def __init__(self, spec: dict, rows: int, device: torch.device, dtype: torch.dtype):
         self.spec, self.rows, self.device = spec, rows, device
-        n, k = spec["out_features"], spec["in_features"]
-        matrices = 2 if spec["gated"] else 1
-        self.weight_bytes = matrices * n * k * torch.finfo(dtype).bits // 8
+        k = spec["in_features"]
+        self.weight_bytes = sum(spec["widths"]) * k * torch.finfo(dtype).bits // 8
         l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
         copies = max(2, math.ceil(4 * l2 / self.weight_bytes)) if device.type == "cuda" else 1
         generator = torch.Generator(device).manual_seed(rows)
         self.weights = [
-            [torch.randn(n, k, device=device, generator=generator).mul_(k**-0.5).to(dtype) for _ in range(matrices)]
+            [torch.randn(n, k, device=device, generator=generator).mul_(k**-0.5).to(dtype) for n in spec["widths"]]
             for _ in range(copies)
         ]
         self.x = torch.randn(rows, k, device=device, generator=generator).to(dtype)
 
     def cublas(self, weights: list[torch.Tensor]) -> torch.Tensor:
         outs = [torch.nn.functional.linear(self.x, w) for w in weights]
-        return outs[0] if len(outs) == 1 else torch.nn.functional.silu(outs[0]) * outs[1]
+        return torch.nn.functional.silu(outs[0]) * outs[1] if self.spec["gated"] else torch.cat(outs, dim=-1)
 
     def kernel(self, weights: list[torch.Tensor], plan: skinny_linear.LaunchPlan | None) -> torch.Tensor:
-        up = weights[1] if len(weights) == 2 else None
-        return skinny_linear.launch(self.x, weights[0], up, None, plan)
+        return skinny_linear.launch(self.x, weights, None, self.spec["gated"], plan)
 
     def microseconds(self, run, repeats: int) -> float:
         """Median microseconds per product: one pass over every weight copy, in a CUDA graph on a GPU."""
@@ -134,7 +134,7 @@ class Product:
 
 def sweep(product: Product, processors: int, repeats: int) -> list[dict]:
     """Tiles x splits at 4 stages and 4 warps, then stages x warps for the best tiles and split."""
-    rows, k = product.rows, product.spec["in_features"]
+    rows, k, widths = product.rows, product.spec["in_features"], product.spec["widths"]
     block_rows = max(16, 1 << (rows - 1).bit_length())
     tried = []
 
@@ -147,10 +147,10 @@ def sweep(product: Product, processors: int, repeats: int) -> list[dict]:
 
     for block_out, block_in in TILES:
         steps = math.ceil(k / block_in)
-        tiles = math.ceil(product.spec["out_features"] / block_out)
+        tiles = sum(math.ceil(width / block_out) for width in (widths[:1] if product.spec["gated"] else widths))
         splits = 1
         while splits == 1 or (splits <= 32 and steps // splits >= 2):
-            if tiles * splits <= 16 * processors:
+            if splits == 1 or tiles * splits <= 16 * processors:
                 attempt(skinny_linear.LaunchPlan(block_rows, block_out, block_in, splits))
             splits *= 2
     timed = [entry for entry in tried if "us" in entry]
@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
                 product = Product(spec, rows, device, dtype)
                 cublas = product.entry(product.cublas, args.repeats)
                 reference = product.cublas(product.weights[0]).float()
-                plan = skinny_linear.plan_launch(rows, spec["out_features"], spec["in_features"], processors)
+                plan = skinny_linear.plan_launch(
+                    rows, tuple(spec["widths"]), spec["in_features"], processors, spec["gated"]
+                )
                 planned = product.entry(lambda w, p=product: p.kernel(w, None), args.repeats, reference)
                 result = {"cublas": cublas, "planned": {"plan": plan.__dict__, **planned}}
                 result["planned_speedup"] = cublas["us"] / planned["us"]
@@ -198,8 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
                 entry["rows"][rows] = result
                 best = result.get("best")
                 best_text = f" | best {best['us']:8.1f} us {best['plan']}" if best else ""
+                shape = f"{'+'.join(map(str, spec['widths']))}x{spec['in_features']}"
                 print(
-                    f"{spec['example']:>32} {spec['out_features']:>6}x{spec['in_features']:<6} rows {rows:>2}: "
+                    f"{spec['example']:>40} {shape:>22} rows {rows:>2}: "
                     f"cublas {cublas['us']:8.1f} us {cublas['gb_per_s']:6.0f} GB/s | planned {planned['us']:8.1f} us "
                     f"{planned['gb_per_s']:6.0f} GB/s{best_text}",
                     flush=True,

@@ -50,34 +50,54 @@ if triton is not None:
     @triton.jit
     def stream_weights_kernel(
         x_ptr,
-        weight_ptr,
-        up_weight_ptr,
+        w0_ptr,
+        w1_ptr,
+        w2_ptr,
+        w3_ptr,
         bias_ptr,
         out_ptr,
         rows,
-        out_features,
+        n0,
+        n1,
+        n2,
+        n3,
         in_features,
         x_row_stride,
-        weight_row_stride,
         splits,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_OUT: tl.constexpr,
         BLOCK_IN: tl.constexpr,
+        SEGMENTS: tl.constexpr,
         PARTIAL: tl.constexpr,
         GATED: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         EVEN: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        """One BLOCK_OUT-wide tile of outputs over one split of the input features.
+        """One BLOCK_OUT-wide tile of one segment's outputs over one split of the input features.
 
-        Not PARTIAL (one split): writes the finished output [M, N] (gated: SiLU(x Wg^T) * (x Wu^T)). PARTIAL:
-        float32 partial sums into out [splits, M, N] (gated: [splits, M, 2N], gate then up) for `sum_splits_kernel`.
-        EVEN: N is a multiple of BLOCK_OUT and K of BLOCK_IN * splits, so the weight loads need no mask.
+        Segments: up to four weights [n_s, K] (contiguous) of one input, whose outputs lie side by side in
+        out [M, n0 + n1 + ...] (a group such as q, k and v: one launch). GATED: two weights of equal width, both
+        computed by each program; the output [M, n0] is SiLU(x W0^T) * (x W1^T).
+        Not PARTIAL (one split): writes the finished output. PARTIAL: float32 partial sums of every segment side by
+        side (gated: gate then up) into out [splits, M, n0 + n1 + ...] for `sum_splits_kernel`.
+        EVEN: every n_s is a multiple of BLOCK_OUT and K of BLOCK_IN * splits, so the weight loads need no mask.
         """
         tile = tl.program_id(0)
         split = tl.program_id(1)
-        outs = tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        width = n0 + n1 + n2 + n3  # the partial sums' row width (and the output's, unless gated)
+        weight_ptr, features, first, local = w0_ptr, n0, 0, tile
+        if SEGMENTS > 1 and not GATED:
+            ends = tl.cdiv(n0, BLOCK_OUT)
+            if tile >= ends:
+                weight_ptr, features, first, local = w1_ptr, n1, n0, tile - ends
+                ends += tl.cdiv(n1, BLOCK_OUT)
+                if SEGMENTS > 2 and tile >= ends:
+                    weight_ptr, features, first, local = w2_ptr, n2, n0 + n1, tile - ends
+                    ends += tl.cdiv(n2, BLOCK_OUT)
+                    if SEGMENTS > 3 and tile >= ends:
+                        weight_ptr, features, first, local = w3_ptr, n3, n0 + n1 + n2, tile - ends
+        outs = local * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
         tokens = tl.arange(0, BLOCK_ROWS)
         span = tl.cdiv(tl.cdiv(in_features, BLOCK_IN), splits) * BLOCK_IN  # a whole number of BLOCK_IN per split
         start = split * span
@@ -88,8 +108,8 @@ if triton is not None:
             ins = offset + tl.arange(0, BLOCK_IN)
             x_mask = (tokens[:, None] < rows) & (ins[None, :] < in_features)
             x_tile = tl.load(x_ptr + tokens[:, None] * x_row_stride + ins[None, :], mask=x_mask, other=0.0)
-            w_offsets = outs[:, None] * weight_row_stride + ins[None, :]
-            w_mask = (outs[:, None] < out_features) & (ins[None, :] < in_features)
+            w_offsets = outs[:, None] * in_features + ins[None, :]
+            w_mask = (outs[:, None] < features) & (ins[None, :] < in_features)
             if EVEN:
                 w_tile = tl.load(weight_ptr + w_offsets)
             else:
@@ -100,48 +120,48 @@ if triton is not None:
                 acc = tl.dot(w_tile, tl.trans(x_tile), acc)
             if GATED:
                 if EVEN:
-                    u_tile = tl.load(up_weight_ptr + w_offsets)
+                    u_tile = tl.load(w1_ptr + w_offsets)
                 else:
-                    u_tile = tl.load(up_weight_ptr + w_offsets, mask=w_mask, other=0.0)
+                    u_tile = tl.load(w1_ptr + w_offsets, mask=w_mask, other=0.0)
                 if IEEE:
                     up_acc = tl.dot(u_tile, tl.trans(x_tile), up_acc, input_precision="ieee")
                 else:
                     up_acc = tl.dot(u_tile, tl.trans(x_tile), up_acc)
-        out_mask = (tokens[None, :] < rows) & (outs[:, None] < out_features)
+        out_mask = (tokens[None, :] < rows) & (outs[:, None] < features)
+        columns = first + outs
         if not PARTIAL:
             value = acc
             if GATED:
                 value = acc * tl.sigmoid(acc) * up_acc
+                width = n0
             if HAS_BIAS:
-                value += tl.load(bias_ptr + outs, mask=outs < out_features, other=0.0).to(tl.float32)[:, None]
-            out_offsets = tokens[None, :] * out_features + outs[:, None]
-            tl.store(out_ptr + out_offsets, value.to(out_ptr.dtype.element_ty), mask=out_mask)
+                value += tl.load(bias_ptr + columns, mask=outs < features, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + tokens[None, :] * width + columns[:, None], value.to(out_ptr.dtype.element_ty), out_mask)
         else:
-            width = 2 * out_features if GATED else out_features
-            partial = out_ptr + split * rows * width + tokens[None, :] * width + outs[:, None]
+            partial = out_ptr + split * rows * width + tokens[None, :] * width + columns[:, None]
             tl.store(partial, acc, mask=out_mask)
             if GATED:
-                tl.store(partial + out_features, up_acc, mask=out_mask)
+                tl.store(partial + n0, up_acc, mask=out_mask)
 
     @triton.jit
     def sum_splits_kernel(
-        partial_ptr, bias_ptr, out_ptr, size, out_features, SPLITS: tl.constexpr, GATED: tl.constexpr,
-        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+        partial_ptr, bias_ptr, out_ptr, size, out_width, partial_width, SPLITS: tl.constexpr,
+        GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """out [M, N] = the sum of the splits' partials [SPLITS, M, N] (gated: SiLU of the gate half times the up
-        half of [SPLITS, M, 2N]), plus the bias."""
+        """out [M, W] = the sum of the splits' partials [SPLITS, M, W'] (gated: W' = 2W, SiLU of the gate half
+        times the up half), plus the bias [W]."""
         index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = index < size
-        row = index // out_features
-        column = index % out_features
-        width = 2 * out_features if GATED else out_features
-        at = row * width + column
+        column = index % out_width
+        at = (index // out_width) * partial_width + column
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         up_total = tl.zeros((BLOCK,), dtype=tl.float32)
         for split in tl.static_range(SPLITS):
-            total += tl.load(partial_ptr + split * size * (2 if GATED else 1) + at, mask=mask, other=0.0)
+            total += tl.load(partial_ptr + split * (size // out_width) * partial_width + at, mask=mask, other=0.0)
             if GATED:
-                up_total += tl.load(partial_ptr + split * size * 2 + at + out_features, mask=mask, other=0.0)
+                up_total += tl.load(
+                    partial_ptr + split * (size // out_width) * partial_width + at + out_width, mask=mask, other=0.0
+                )
         if GATED:
             total = total * tl.sigmoid(total) * up_total
         if HAS_BIAS:
@@ -161,23 +181,32 @@ class LaunchPlan:
     stages: int = 4
 
 
-# What a launch aims for: enough programs that every SM streams weights through the whole kernel (programs per SM),
-# and splits no shorter than MIN_STEPS_PER_SPLIT tiles of BLOCK_IN (each split pays its pipeline's fill).
-PROGRAMS_PER_SM = 2
-MIN_STEPS_PER_SPLIT = 4
+# A product with fewer output tiles than processors / NARROW_DIVISOR (a 1024-wide k or v projection) leaves most SMs
+# idle: its input features are split until the programs cover every SM, keeping at least MIN_STEPS_PER_SPLIT tiles
+# of BLOCK_IN per split. Wider products do better unsplit (no partial sums to add). Measured by
+# benchmarks/skinny_linear.py on an H200, 9 rows (docs/results/skinny_linear_h200_2026-12-02).
+NARROW_DIVISOR = 4
+MIN_STEPS_PER_SPLIT = 2
 
 
 @functools.cache
-def plan_launch(rows: int, out_features: int, in_features: int, processors: int, gated: bool = False) -> LaunchPlan:
-    """Tiles and splits for x [rows, in_features] times a weight [out_features, in_features] on `processors` SMs."""
+def plan_launch(rows: int, widths: tuple[int, ...], in_features: int, processors: int, gated: bool) -> LaunchPlan:
+    """Tiles and splits for x [rows, in_features] times weights [w, in_features] (w in `widths`, side by side, or a
+    gated pair) on `processors` SMs."""
     block_rows = max(16, triton.next_power_of_2(rows))
     block_out = 64
-    block_in = 128 if block_rows <= 16 and not gated else 64
-    tiles = triton.cdiv(out_features, block_out)
+    tiles = sum(triton.cdiv(width, block_out) for width in (widths[:1] if gated else widths))
+    if gated:  # two weight tiles per pipeline stage: larger ones run out of shared memory
+        block_in = 64
+    elif block_rows == 16 and in_features >= 2048 and tiles <= 4 * processors:
+        block_in = 256
+    else:
+        block_in = 128
     steps = triton.cdiv(in_features, block_in)
     splits = 1
-    while tiles * splits < PROGRAMS_PER_SM * processors and steps // (2 * splits) >= MIN_STEPS_PER_SPLIT:
-        splits *= 2
+    if tiles < processors // NARROW_DIVISOR:
+        while tiles * splits < processors and steps // (2 * splits) >= MIN_STEPS_PER_SPLIT:
+            splits *= 2
     return LaunchPlan(block_rows, block_out, block_in, splits)
 
 
@@ -189,57 +218,59 @@ def processor_count(device: torch.device) -> int:
 
 def launch(
     x: torch.Tensor,
-    weight: torch.Tensor,
-    up_weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
+    weights: list[torch.Tensor],
+    bias: torch.Tensor | None = None,
+    gated: bool = False,
     plan: LaunchPlan | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (rows contiguous) -> [M, N] through the kernels: x W^T + bias, or SiLU(x W^T) * (x U^T) when
-    `up_weight` is given. `plan` overrides `plan_launch` (the tuning benchmark)."""
+    """x [M, K] (rows contiguous) times 1-4 contiguous weights [n_s, K]: their outputs side by side [M, sum n_s]
+    plus `bias` [sum n_s]; or, `gated` (two weights of equal width), SiLU(x W0^T) * (x W1^T) [M, n0].
+    `plan` overrides `plan_launch` (the tuning benchmark)."""
     rows, in_features = x.shape
-    out_features = weight.shape[0]
-    gated = up_weight is not None
+    widths = [weight.shape[0] for weight in weights]
     if plan is None:
-        plan = plan_launch(rows, out_features, in_features, processor_count(x.device), gated)
-    out = x.new_empty(rows, out_features)
-    even = out_features % plan.block_out == 0 and in_features % (plan.block_in * plan.splits) == 0
+        plan = plan_launch(rows, tuple(widths), in_features, processor_count(x.device), gated)
+    out = x.new_empty(rows, widths[0] if gated else sum(widths))
+    counted = widths[:1] if gated else widths
+    even = all(w % plan.block_out == 0 for w in widths) and in_features % (plan.block_in * plan.splits) == 0
     if plan.splits == 1:
         target = out
     else:
-        width = (2 if gated else 1) * out_features
-        target = torch.empty(plan.splits, rows, width, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(out_features, plan.block_out), plan.splits)
+        target = torch.empty(plan.splits, rows, sum(widths), dtype=torch.float32, device=x.device)
+    pointers = (weights + weights[:1] * 4)[:4]
+    sizes = (widths + [0] * 4)[:4]
+    grid = (sum(triton.cdiv(w, plan.block_out) for w in counted), plan.splits)
     stream_weights_kernel[grid](
         x,
-        weight,
-        up_weight if gated else weight,
-        bias if bias is not None else weight,
+        *pointers,
+        bias if bias is not None else weights[0],
         target,
         rows,
-        out_features,
+        *sizes,
         in_features,
         x.stride(0),
-        weight.stride(0),
         plan.splits,
         BLOCK_ROWS=plan.block_rows,
         BLOCK_OUT=plan.block_out,
         BLOCK_IN=plan.block_in,
+        SEGMENTS=len(weights),
         PARTIAL=plan.splits > 1,
         GATED=gated,
         HAS_BIAS=bias is not None and plan.splits == 1,
         EVEN=even,
-        IEEE=weight.dtype == torch.float32,
+        IEEE=weights[0].dtype == torch.float32,
         num_warps=plan.warps,
         num_stages=plan.stages,
     )
     if plan.splits > 1:
-        size, block = rows * out_features, 1024
+        size, block = out.numel(), 1024
         sum_splits_kernel[(triton.cdiv(size, block),)](
             target,
             bias if bias is not None else target,
             out,
             size,
-            out_features,
+            out.shape[1],
+            sum(widths),
             SPLITS=plan.splits,
             GATED=gated,
             HAS_BIAS=bias is not None,
@@ -251,25 +282,25 @@ def launch(
 # One opaque op for torch.compile: dynamo traces the call, inductor launches the kernels as they are (graph-safe).
 @torch.library.custom_op("dspark::skinny_linear", mutates_args=())
 def skinny_linear_op(
-    x: torch.Tensor, weight: torch.Tensor, up_weight: torch.Tensor | None, bias: torch.Tensor | None
+    x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool
 ) -> torch.Tensor:
-    return launch(x, weight, up_weight, bias)
+    return launch(x, weights, bias, gated)
 
 
 @skinny_linear_op.register_fake
-def _(x, weight, up_weight, bias):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _(x, weights, bias, gated):
+    return x.new_empty(x.shape[0], weights[0].shape[0] if gated else sum(w.shape[0] for w in weights))
 
 
 def skinny_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None
+    x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None = None, gated: bool = False
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., K] (or SiLU(F.linear(x, weight)) * F.linear(x, up_weight) when
-    `up_weight` is given) through the kernels; returns [..., N]."""
+    """`launch` for x [..., K] (any leading shape); returns [..., N]."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    return skinny_linear_op(flat, weight, up_weight, bias).view(*x.shape[:-1], weight.shape[0])
+    out = skinny_linear_op(flat, weights, bias, gated)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,6 +319,10 @@ def skinny_kernel_problem(target: nn.Module) -> str | None:
     return None
 
 
+# Projections that one module applies to one input, launched together (whichever is called first computes all).
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"))
+
+
 def is_gated_silu_mlp(module: nn.Module) -> bool:
     """down(SiLU(gate(x)) * up(x)) with bias-free projections: the MLP of Llama, Qwen2/3 and Qwen3.5 (and their
     MoE models' shared experts), recognised by its parts."""
@@ -295,49 +330,96 @@ def is_gated_silu_mlp(module: nn.Module) -> bool:
     if set(parts) != {"gate_proj", "up_proj", "down_proj", "act_fn"} or not type(module).__name__.endswith("MLP"):
         return False
     projections = [parts["gate_proj"], parts["up_proj"], parts["down_proj"]]
-    if not all(isinstance(p, nn.Linear) and p.bias is None for p in projections):
+    if not all(routable(p) and p.bias is None for p in projections):
         return False
     return isinstance(parts["act_fn"], nn.SiLU) or type(parts["act_fn"]).__name__ == "SiLUActivation"
 
 
+def routable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and module.weight.is_contiguous()
+
+
+def is_small(x: torch.Tensor) -> bool:
+    """Few enough rows for the kernels (a large batch's verify block keeps cuBLAS)."""
+    return x.numel() // x.shape[-1] <= MAX_ROWS
+
+
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() // x.shape[-1] > MAX_ROWS:
+    if not is_small(x):
         return nn.functional.linear(x, module.weight, module.bias)
-    return skinny_linear(x, module.weight, module.bias)
+    return skinny_linear(x, [module.weight], module.bias)
 
 
 def _gated_mlp_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() // x.shape[-1] > MAX_ROWS:
+    if not is_small(x):
         return type(module).forward(module, x)
-    hidden = skinny_linear(x, module.gate_proj.weight, up_weight=module.up_proj.weight)
+    hidden = skinny_linear(x, [module.gate_proj.weight, module.up_proj.weight], gated=True)
     return _linear_forward(module.down_proj, hidden)
 
 
-def routed_modules(target: nn.Module) -> tuple[list[nn.Module], list[nn.Linear]]:
-    """The gated MLPs (one gate-up launch each, then their down projection) and the other linear layers that
-    `SkinnyProjections` routes through the kernels."""
-    mlps = {name: module for name, module in target.named_modules() if is_gated_silu_mlp(module)}
-    inside_mlp = {f"{name}.{part}" for name in mlps for part in ("gate_proj", "up_proj")}
-    linears = [
-        module
-        for name, module in target.named_modules()
-        if isinstance(module, nn.Linear) and name not in inside_mlp and module.weight.stride(-1) == 1
-    ]
-    return list(mlps.values()), linears
+class ProjectionGroup:
+    """Projections of one input (q, k and v) computed by one launch: the first member called with an input computes
+    every member's output; the others, called with the same input, take theirs. A member called with another input
+    computes the group again, so any call order is exact."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.linears = linears
+        self.widths = [linear.out_features for linear in linears]
+        biases = [linear.bias for linear in linears]
+        self.bias = None  # the members' biases side by side (missing ones zero), made once
+        if any(bias is not None for bias in biases):
+            self.bias = torch.cat([
+                bias.detach() if bias is not None else linear.weight.new_zeros(linear.out_features)
+                for bias, linear in zip(biases, linears)
+            ])  # fmt: skip
+        self.input, self.outputs, self.waiting = None, None, 0
+        # one callable per member, made once (see `installed_forwards`)
+        self.forwards = [functools.partial(self.project, index) for index in range(len(linears))]
+
+    def project(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if not is_small(x):
+            return nn.functional.linear(x, self.linears[index].weight, self.linears[index].bias)
+        if self.input is not x:
+            out = skinny_linear(x, [linear.weight for linear in self.linears], self.bias)
+            self.input, self.outputs, self.waiting = x, out.split(self.widths, dim=-1), len(self.linears)
+        output = self.outputs[index]
+        self.waiting -= 1
+        if self.waiting == 0:  # every member took its output: hold no tensor between calls
+            self.input, self.outputs = None, None
+        return output
+
+
+def routed_modules(target: nn.Module) -> tuple[list[nn.Module], list[list[nn.Linear]], list[nn.Linear]]:
+    """What `SkinnyProjections` routes through the kernels: gated MLPs (one gate-up launch each, then their down
+    projection), projection groups (one launch each) and the other linear layers (one launch each)."""
+    mlps, groups, taken = [], [], set()
+    for module in target.modules():
+        if is_gated_silu_mlp(module):
+            mlps.append(module)
+            taken.update([module.gate_proj, module.up_proj])
+        for names in PROJECTION_GROUPS:
+            members = [getattr(module, name, None) for name in names]
+            if all(routable(m) for m in members) and len({m.in_features for m in members}) == 1:
+                groups.append(members)
+                taken.update(members)
+    linears = [module for module in target.modules() if routable(module) and module not in taken]
+    return mlps, groups, linears
 
 
 class SkinnyProjections:
-    """A target's nn.Linear layers (and gated MLPs, as one gate-up launch) routed through the kernels while
-    `installed()`."""
+    """A target's linear layers routed through the kernels while `installed()`: gated MLPs as one gate-up launch,
+    projection groups as one launch, the rest one launch each."""
 
     def __init__(self, target: nn.Module):
         problem = skinny_kernel_problem(target)
         if problem is not None:
             raise ValueError(f"dspark: skinny_kernels=True cannot run here: {problem}. Use skinny_kernels=False.")
-        mlps, linears = routed_modules(target)
-        # One bound forward per module, made once (see `installed_forwards`).
+        mlps, groups, linears = routed_modules(target)
+        # One callable per module, made once (see `installed_forwards`).
         self.forwards = {module: types.MethodType(_gated_mlp_forward, module) for module in mlps}
         self.forwards.update({module: types.MethodType(_linear_forward, module) for module in linears})
+        for members in groups:
+            self.forwards.update(zip(members, ProjectionGroup(members).forwards))
 
     def installed(self):
         """Route the modules' forwards through the kernels for the duration (re-entrant)."""

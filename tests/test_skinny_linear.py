@@ -17,11 +17,11 @@ from dspark.speculative import speculative_generate
 pytest.importorskip("triton")
 
 
-def reference(x, weight, bias=None, up_weight=None):
-    x, weight = x.double(), weight.double()
-    if up_weight is not None:
-        return torch.nn.functional.silu(x @ weight.T) * (x @ up_weight.double().T)
-    return x @ weight.T + (0 if bias is None else bias.double())
+def reference(x, weights, bias=None, gated=False):
+    outs = [x.double() @ weight.double().T for weight in weights]
+    if gated:
+        return torch.nn.functional.silu(outs[0]) * outs[1]
+    return torch.cat(outs, dim=-1) + (0 if bias is None else bias.double())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -29,43 +29,58 @@ def reference(x, weight, bias=None, up_weight=None):
 @pytest.mark.parametrize(
     "rows, out_features, in_features", [(9, 128, 512), (1, 200, 300), (16, 96, 1024), (40, 64, 192)]
 )
-def test_kernels_compute_the_projection_for_every_split_and_ragged_shapes(rows, out_features, in_features, splits, dtype):
-    """Plain, with bias, and gated (SiLU(x Wg^T) * x Wu^T), whether the input features are split over programs or
-    not, with output and input widths that are and are not multiples of the tiles (masked loads)."""
+def test_kernels_compute_the_projection_for_every_split_and_ragged_shapes(
+    rows, out_features, in_features, splits, dtype
+):
+    """One weight, with and without bias; a group of three of different widths side by side (q, k, v); a gated pair
+    (SiLU(x Wg^T) * x Wu^T); whether the input features are split over programs or not, with output and input widths
+    that are and are not multiples of the tiles (masked loads)."""
     generator = torch.Generator().manual_seed(rows + out_features)
-    x, weight, up_weight = (
-        torch.randn(*shape, generator=generator).to(dtype)
-        for shape in [(rows, in_features), (out_features, in_features), (out_features, in_features)]
-    )
-    weight, up_weight = weight / in_features**0.5, up_weight / in_features**0.5
-    bias = torch.randn(out_features, generator=generator).to(dtype)
+
+    def random(*shape):
+        return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.5).to(dtype)
+
+    x = random(rows, in_features) * in_features**0.5
+    weight, up_weight = random(out_features, in_features), random(out_features, in_features)
+    group = [weight, random(out_features // 2, in_features), random(24, in_features)]
+    bias = random(out_features)
+    group_bias = random(sum(w.shape[0] for w in group))
     plan = skinny.LaunchPlan(block_rows=max(16, 1 << (rows - 1).bit_length()), block_out=64, block_in=64, splits=splits)
     tolerance = 1e-5 if dtype == torch.float32 else 3e-3
-    for arguments in [(weight, None, None), (weight, None, bias), (weight, up_weight, None)]:
-        out = skinny.launch(x, *arguments, plan=plan)
-        assert out.dtype == dtype and out.shape == (rows, out_features)
-        expected = reference(x, arguments[0], arguments[2], arguments[1])
+    cases = [
+        ([weight], None, False),
+        ([weight], bias, False),
+        (group, group_bias, False),
+        ([weight, up_weight], None, True),
+    ]
+    for weights, case_bias, gated in cases:
+        out = skinny.launch(x, weights, case_bias, gated, plan=plan)
+        expected = reference(x, weights, case_bias, gated)
+        assert out.dtype == dtype and out.shape == expected.shape
         torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_narrow_outputs_split_the_input_features_and_wide_ones_do_not():
-    """A 1024-wide projection on 132 SMs has 16 output tiles: its input features are split until the programs fill
-    the GPU, never into splits shorter than MIN_STEPS_PER_SPLIT tiles; a vocabulary-wide one needs no split."""
-    narrow = skinny.plan_launch(9, 1024, 4096, 132)
+    """A 1024-wide projection on 132 SMs has 16 output tiles: its input features are split until the programs cover
+    the SMs, never into splits shorter than MIN_STEPS_PER_SPLIT tiles; 4096-wide ones, q/k/v together and the
+    vocabulary-wide head need no split; gated pairs keep tiles that fit two weights in shared memory."""
+    narrow = skinny.plan_launch(9, (1024,), 4096, 132, False)
     assert narrow.splits > 1
     assert 4096 // (narrow.block_in * narrow.splits) >= skinny.MIN_STEPS_PER_SPLIT
-    assert skinny.plan_launch(9, 151936, 4096, 132).splits == 1
-    assert skinny.plan_launch(9, 1024, 512, 132).splits == 1  # too short to split at all
-    assert skinny.plan_launch(40, 4096, 4096, 132).block_rows == 64
+    for widths in [(4096,), (4096, 1024, 1024), (151936,)]:
+        assert skinny.plan_launch(9, widths, 4096, 132, False).splits == 1
+    assert skinny.plan_launch(9, (1024,), 256, 132, False).splits == 1  # too short to split at all
+    assert skinny.plan_launch(40, (4096,), 4096, 132, False).block_rows == 64
+    assert skinny.plan_launch(9, (12288, 12288), 4096, 132, True).block_in == 64
 
 
-def counting_launches(monkeypatch) -> list[tuple[int, int, bool]]:
+def counting_launches(monkeypatch) -> list[tuple[int, tuple[int, ...], bool]]:
     launches = []
     launch = skinny.launch
 
-    def counted(x, weight, up_weight, bias, plan=None):
-        launches.append((x.shape[0], weight.shape[0], up_weight is not None))
-        return launch(x, weight, up_weight, bias, plan)
+    def counted(x, weights, bias=None, gated=False, plan=None):
+        launches.append((x.shape[0], tuple(w.shape[0] for w in weights), gated))
+        return launch(x, weights, bias, gated, plan)
 
     monkeypatch.setattr(skinny, "launch", counted)
     return launches
@@ -89,13 +104,55 @@ def test_greedy_output_with_the_kernels_equals_plain_generate(make_target, monke
     assert out.stats["mean_acceptance_length"] > 1.5
     queries = draft.config.num_draft_tokens + 1
     assert launches and {rows for rows, _, _ in launches} == {queries}, "only verify blocks run through the kernels"
-    layers = target.config.num_hidden_layers
+    config, rounds = target.config, len(out.stats["per_row"][0]["acceptance_lengths"])
     gated = [launch for launch in launches if launch[2]]
-    rounds = len(out.stats["per_row"][0]["acceptance_lengths"])
-    assert len(gated) == layers * rounds, "one gate-up launch per MLP and round"
-    assert (queries, target.config.vocab_size, False) in launches, "the output head too"
+    assert len(gated) == config.num_hidden_layers * rounds, "one gate-up launch per MLP and round"
+    assert (queries, (config.vocab_size,), False) in launches, "the output head too"
+    grouped = [widths for _, widths, gated_pair in launches if len(widths) > 1 and not gated_pair]
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    assert len(grouped) == len(kinds) * rounds, "one launch per round for each layer's q/k/v (or in_proj group)"
     untouched = [m for m in target.modules() if isinstance(m, torch.nn.Linear) and "forward" in m.__dict__]
     assert not untouched, "the kernels are installed during the verify step only"
+
+
+def test_a_projection_group_is_exact_in_any_call_order_and_with_different_inputs(monkeypatch):
+    """The first member called with an input launches the whole group and the others take their part; a member given
+    another input launches again; once every member took its output the group holds no tensor."""
+    torch.manual_seed(36)
+    q, k, v = (torch.nn.Linear(64, width, bias=width != 32) for width in (64, 32, 48))
+    group = skinny.ProjectionGroup([q, k, v])
+    launches = counting_launches(monkeypatch)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        for index in (1, 0, 2):  # k first
+            torch.testing.assert_close(group.forwards[index](x), [q, k, v][index](x), atol=1e-5, rtol=1e-5)
+        assert len(launches) == 1 and group.input is None and group.outputs is None
+        for index, y in enumerate(torch.randn(3, 1, 4, 64)):  # each member its own input
+            torch.testing.assert_close(group.forwards[index](y), [q, k, v][index](y), atol=1e-5, rtol=1e-5)
+    assert len(launches) == 4
+
+
+@pytest.mark.parametrize("make_target", [tiny_qwen3, tiny_qwen35], ids=["qwen3", "qwen3.5-hybrid"])
+def test_compiled_steps_with_the_kernels_emit_what_the_eager_steps_emit(make_target):
+    """torch.compile traces the installed forwards (the kernels are one opaque op; the projection groups' hand-over
+    is Python state dynamo follows): the same tokens as the eager kernels, and a second call compiles nothing."""
+    target = make_target(seed=37)
+    draft = tiny_draft(target, block_size=3, markov_rank=4)
+    ids = prompt(7, seed=9)
+    runs = [
+        speculative_generate(
+            target, draft, ids, max_new_tokens=10, static_cache=True, skinny_kernels=True, compile_steps=compiled
+        )
+        for compiled in (False, True)
+    ]
+    assert torch.equal(runs[1], runs[0])
+    assert runs[0][0, 7:].tolist() == plain_greedy(target, ids, 10)
+    traced = torch._dynamo.utils.counters["stats"]["calls_captured"]
+    again = speculative_generate(
+        target, draft, ids, max_new_tokens=10, static_cache=True, skinny_kernels=True, compile_steps=True
+    )
+    assert torch.equal(again, runs[0])
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] == traced
 
 
 def test_a_batch_with_the_kernels_equals_row_by_row_greedy():
