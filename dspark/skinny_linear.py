@@ -1,21 +1,22 @@
 """The target's projections over a verify block (a few rows) as weight-streaming Triton kernels.
 
 A verify step multiplies Q = N + 1 rows per sequence (9 at block 8) by every weight matrix of the target, so its cost
-is streaming the weights once from memory. cuBLAS's kernels for such skinny products stream the large projections at
-~75% of copy bandwidth and the narrow ones (k/v: 1024 outputs on a Qwen3-8B shape) at ~35% (verify_profile on an
-H200, docs/results/README.md), which leaves a compiled verify at 1.8x its roofline.
+is streaming the weights once from memory. On a Qwen3-8B shape, cuBLAS's kernels for such skinny products stream the
+MLP's weights at ~80% of copy bandwidth, the 4096-wide attention projections at ~58% and the 1024-wide k and v ones at
+~28%: each launch pays a few microseconds of ramp-up (benchmarks/skinny_linear.py on an H200).
 
 `stream_weights_kernel` computes out^T = W x^T, a tile of BLOCK_OUT weight rows per program: the weight rows take the
 matrix unit's long side and the block's rows (padded to 16) its short side. Where the output tiles alone would leave
-SMs idle, programs also split the input features, and `sum_splits_kernel` adds their float32 partial sums. The MLP's
-gate and up projections run in one launch, SiLU(gate) * up in the epilogue, so the MLP's activation costs no kernel.
+most SMs idle, programs also split the input features, and `sum_splits_kernel` adds their float32 partial sums. Fewer
+launches: the MLP's gate and up projections run as one (SiLU(gate) * up in its epilogue, so the activation costs no
+kernel either), and so do the projections a module applies to one input (q, k and v; a Gated DeltaNet layer's four
+input projections), each weight read where it lies (no concatenated copy).
 
-`SkinnyProjections.installed()` routes the target's `nn.Linear` layers and its SiLU-gated MLPs through the kernels
-for the duration of a verify step (the static loop's `skinny_kernels=True`); every other call of the target keeps
-its own forwards. A product of more than MAX_ROWS rows (a large batch) keeps cuBLAS, which wins once the product is
-no longer skinny.
+`SkinnyProjections.installed()` routes the target's linear layers through the kernels for the duration of a verify
+step (the static loop's `skinny_kernels=True`); every other call of the target keeps its own forwards. A product of
+more rows than MAX_ROWS allows (a large batch) keeps cuBLAS, which wins once the product is no longer skinny.
 
-Shapes: M rows of x (batch x block), K input features, N output features; the weight is [N, K] as in nn.Linear.
+Shapes: M rows of x (batch x block), K input features, N output features; a weight is [N, K] as in nn.Linear.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ try:
 except ImportError:  # the kernels are optional: CPU installs need no Triton
     triton = None
 
-MAX_ROWS = 64  # above this, the product is no longer weight-bound enough for these kernels (cuBLAS is used)
+# Most rows a product runs through the kernels with (more keep cuBLAS): measured on an H200 (Qwen3-8B shapes), one
+# projection beat cuBLAS at 1-16 rows and lost at 36; a launch that replaces several GEMMs (q/k/v, gate-up with the
+# activation) still won at 36 rows (batch 4 at block 8).
+MAX_ROWS = {"single": 16, "grouped": 36}
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -207,7 +211,9 @@ def plan_launch(rows: int, widths: tuple[int, ...], in_features: int, processors
     if tiles < processors // NARROW_DIVISOR:
         while tiles * splits < processors and steps // (2 * splits) >= MIN_STEPS_PER_SPLIT:
             splits *= 2
-    return LaunchPlan(block_rows, block_out, block_in, splits)
+    # a deeper pipeline paid off for single long-K tiles (o and down projections: 2-3% faster), not for groups
+    stages = 5 if block_in == 256 and len(widths) == 1 else 4
+    return LaunchPlan(block_rows, block_out, block_in, splits, stages=stages)
 
 
 def processor_count(device: torch.device) -> int:
@@ -339,9 +345,9 @@ def routable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and module.weight.is_contiguous()
 
 
-def is_small(x: torch.Tensor) -> bool:
+def is_small(x: torch.Tensor, kind: str = "single") -> bool:
     """Few enough rows for the kernels (a large batch's verify block keeps cuBLAS)."""
-    return x.numel() // x.shape[-1] <= MAX_ROWS
+    return x.numel() // x.shape[-1] <= MAX_ROWS[kind]
 
 
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -351,7 +357,7 @@ def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gated_mlp_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if not is_small(x):
+    if not is_small(x, "grouped"):
         return type(module).forward(module, x)
     hidden = skinny_linear(x, [module.gate_proj.weight, module.up_proj.weight], gated=True)
     return _linear_forward(module.down_proj, hidden)
@@ -377,7 +383,7 @@ class ProjectionGroup:
         self.forwards = [functools.partial(self.project, index) for index in range(len(linears))]
 
     def project(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if not is_small(x):
+        if not is_small(x, "grouped"):
             return nn.functional.linear(x, self.linears[index].weight, self.linears[index].bias)
         if self.input is not x:
             out = skinny_linear(x, [linear.weight for linear in self.linears], self.bias)

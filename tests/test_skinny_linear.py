@@ -183,8 +183,8 @@ def test_an_mlp_with_another_activation_keeps_separate_projections(monkeypatch):
 
 
 def test_large_products_keep_cublas(monkeypatch):
-    """More rows than MAX_ROWS (a large batch's verify block): nn.Linear's own product, same output."""
-    monkeypatch.setattr(skinny, "MAX_ROWS", 4)  # a verify block here: 5 rows
+    """More rows than MAX_ROWS allows (a large batch's verify block): nn.Linear's own product, same output."""
+    monkeypatch.setattr(skinny, "MAX_ROWS", {"single": 4, "grouped": 4})  # a verify block here: 5 rows
     launches = counting_launches(monkeypatch)
     target = tiny_llama(seed=34)
     draft = tiny_draft(target, block_size=4)
