@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --method loop_static: run its draft and verify steps through torch.compile (compiled in the "
         "warm-up, tens of seconds)",
     )
+    parser.add_argument(
+        "--skinny-kernels",
+        action="store_true",
+        help="with --method loop_static on a GPU: the verify step's projections through dspark's weight-streaming "
+        "Triton kernels instead of cuBLAS (bf16/fp16 targets)",
+    )
     parser.add_argument("--no-compare", action="store_true", help="skip the plain-decoding comparison")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON at the end")
 
@@ -106,6 +112,7 @@ def run_speculative(args, target, tokenizer, draft, ids, stream: TextStream) -> 
             on_round=lambda event: stream.add(event.emitted),
             static_cache=args.method == "loop_static",
             compile_steps=args.compile,
+            skinny_kernels=args.skinny_kernels,
             **sampling_arguments(args),
         )
         synchronize(target.device)
@@ -186,17 +193,18 @@ def warm_up(target, draft, ids, args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens if static else 4,
         static_cache=static,
         compile_steps=args.compile,
+        skinny_kernels=args.skinny_kernels and static,
         **sampling_arguments(args),
     )
     target.generate(ids, max_new_tokens=4, do_sample=False)
 
 
-def resolve_method(method: str, compile_steps: bool, target) -> str:
+def resolve_method(method: str, compile_steps: bool, target, skinny_kernels: bool = False) -> str:
     """`auto`: the fixed-shape path where it is the fast one (on a GPU: graphs remove the launch overhead that makes
     an eager loop slower than plain decoding there) and the target supports it, or when asked to compile it."""
     if method != "auto":
         return method
-    if compile_steps:
+    if compile_steps or skinny_kernels:
         return "loop_static"
     if target.device.type != "cuda":
         return "loop"
@@ -214,10 +222,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("dspark generate: --max-new-tokens must be >= 1")
     if args.compile and args.method not in ("auto", "loop_static"):
         raise ValueError("dspark generate: --compile needs --method loop_static (it compiles the fixed-shape steps)")
+    if args.skinny_kernels and args.method not in ("auto", "loop_static"):
+        raise ValueError("dspark generate: --skinny-kernels needs --method loop_static (they run in its verify step)")
     device = torch.device(args.device)
     print(f"loading target={args.target} draft={args.draft} on {device} ...", file=sys.stderr)
     target, tokenizer, draft = pair.load_pair(args.target, args.draft, device=device, dtype=args.dtype)
-    args.method = resolve_method(args.method, args.compile, target)
+    args.method = resolve_method(args.method, args.compile, target, args.skinny_kernels)
     ids = prompt_ids(tokenizer, args.prompt, args.raw, device)
     warm_up(target, draft, ids, args)
 

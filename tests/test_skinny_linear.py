@@ -204,3 +204,12 @@ def test_the_kernels_are_refused_with_the_reason_and_the_way_out(monkeypatch):
         speculative_generate(target, draft, prompt(4), max_new_tokens=4, static_cache=True, skinny_kernels=True)
     monkeypatch.setattr(skinny, "triton", None)
     assert "Triton is not installed" in skinny.skinny_kernel_problem(target)
+
+
+def test_dspark_generate_takes_the_kernels_on_the_static_path_only(capsys):
+    from dspark.cli import main
+    from dspark.generate_command import resolve_method
+
+    assert resolve_method("auto", False, tiny_llama(seed=38), skinny_kernels=True) == "loop_static"
+    assert main(["generate", "hello", "--method", "loop", "--skinny-kernels"]) == 2
+    assert "--skinny-kernels needs --method loop_static" in capsys.readouterr().err

@@ -325,7 +325,9 @@ def useful_tokens(new_tokens: torch.Tensor, stop_ids: set[int]) -> list[list[int
     return [cut_at_stop(row, stop_ids) for row in new_tokens.tolist()]
 
 
-METHOD_NAMES = ("plain", "assisted", "loop", "loop_static", "loop_static_compiled", "lookup", "dflash")
+METHOD_NAMES = (
+    "plain", "assisted", "loop", "loop_static", "loop_static_compiled", "loop_static_skinny", "lookup", "dflash",
+)  # fmt: skip
 
 
 def generation_methods(
@@ -341,16 +343,15 @@ def generation_methods(
     """Greedy generation methods by name: `plain` target.generate; `assisted` target.generate(assistant_model=draft)
     (the draft's Markov head); `loop` dspark's own loop; `loop_static` the same loop on its fixed-shape path
     (static caches, CUDA graphs on a GPU), `loop_static_compiled` with its steps through torch.compile (compiled
-    in the warm-up); `lookup` prompt lookup decoding; `dflash`
+    in the warm-up), `loop_static_skinny` that with the verify step's projections through dspark's Triton kernels
+    (a bf16/fp16 target on a GPU); `lookup` prompt lookup decoding; `dflash`
     target.generate(assistant_model=draft, speculation_type="dflash")."""
     from ..speculative import speculative_generate
 
     unknown = [name for name in names if name not in METHOD_NAMES]
     if unknown:
         raise ValueError(f"dspark bench: unknown methods {unknown}; choose from {', '.join(METHOD_NAMES)}.")
-    needs_draft = [
-        name for name in names if name in ("assisted", "loop", "loop_static", "loop_static_compiled", "dflash")
-    ]
+    needs_draft = [name for name in names if name not in ("plain", "lookup")]
     if needs_draft and draft is None:
         raise ValueError(f"dspark bench: {', '.join(needs_draft)} need a draft (--draft).")
     common = {
@@ -369,7 +370,9 @@ def generation_methods(
 
         return run
 
-    def own_loop(static_cache: bool, compile_steps: bool = False) -> Callable[[Workload], GenerationRun]:
+    def own_loop(
+        static_cache: bool, compile_steps: bool = False, skinny_kernels: bool = False
+    ) -> Callable[[Workload], GenerationRun]:
         def run(workload: Workload) -> GenerationRun:
             out = speculative_generate(
                 target,
@@ -382,6 +385,7 @@ def generation_methods(
                 return_stats=True,
                 static_cache=static_cache,
                 compile_steps=compile_steps,
+                skinny_kernels=skinny_kernels,
             )
             outputs = [cut_at_stop(row, stop_ids) for row in out.generated]
             lengths = [n for row in out.stats["per_row"] for n in row["acceptance_lengths"]]
@@ -396,6 +400,9 @@ def generation_methods(
         "loop_static": lambda: GenerationMethod("loop_static", own_loop(static_cache=True)),
         "loop_static_compiled": lambda: GenerationMethod(
             "loop_static_compiled", own_loop(static_cache=True, compile_steps=True)
+        ),
+        "loop_static_skinny": lambda: GenerationMethod(
+            "loop_static_skinny", own_loop(static_cache=True, compile_steps=True, skinny_kernels=True)
         ),
         "lookup": lambda: GenerationMethod(
             "lookup", through_generate(prompt_lookup_num_tokens=lookup_tokens), batch_one_only=True
