@@ -160,12 +160,11 @@ if triton is not None:
         at = (index // out_width) * partial_width + column
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         up_total = tl.zeros((BLOCK,), dtype=tl.float32)
+        split_stride = (size // out_width) * partial_width  # one split's partial sums
         for split in tl.static_range(SPLITS):
-            total += tl.load(partial_ptr + split * (size // out_width) * partial_width + at, mask=mask, other=0.0)
-            if GATED:
-                up_total += tl.load(
-                    partial_ptr + split * (size // out_width) * partial_width + at + out_width, mask=mask, other=0.0
-                )
+            total += tl.load(partial_ptr + split * split_stride + at, mask=mask, other=0.0)
+            if GATED:  # the up half follows the gate half of each row
+                up_total += tl.load(partial_ptr + split * split_stride + at + out_width, mask=mask, other=0.0)
         if GATED:
             total = total * tl.sigmoid(total) * up_total
         if HAS_BIAS:
@@ -234,6 +233,9 @@ def launch(
     `plan` overrides `plan_launch` (the tuning benchmark)."""
     rows, in_features = x.shape
     widths = [weight.shape[0] for weight in weights]
+    if any(weight.dtype != x.dtype or weight.shape[1] != in_features for weight in weights):
+        shapes = [(tuple(weight.shape), weight.dtype) for weight in weights]
+        raise ValueError(f"dspark: skinny kernels: input {tuple(x.shape)} {x.dtype} does not fit the weights {shapes}")
     if plan is None:
         plan = plan_launch(rows, tuple(widths), in_features, processor_count(x.device), gated)
     out = x.new_empty(rows, widths[0] if gated else sum(widths))

@@ -206,6 +206,8 @@ def test_the_kernels_are_refused_with_the_reason_and_the_way_out(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as for a user: no interpreter, a CPU target
     with pytest.raises(ValueError, match="run on CUDA GPUs; the target is on cpu.*skinny_kernels=False"):
         speculative_generate(target, draft, prompt(4), max_new_tokens=4, static_cache=True, skinny_kernels=True)
+    with pytest.raises(ValueError, match="input .*float32 does not fit the weights"):
+        skinny.launch(torch.randn(2, 8), [torch.randn(4, 8, dtype=torch.float16)])
     monkeypatch.setattr(skinny, "triton", None)
     assert "Triton is not installed" in skinny.skinny_kernel_problem(target)
 
