@@ -344,7 +344,9 @@ def is_gated_silu_mlp(module: nn.Module) -> bool:
 
 
 def routable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and module.weight.is_contiguous()
+    """A plain nn.Linear with float weights: subclasses (quantized layers such as bitsandbytes' Linear4bit, whose
+    weights are packed integers) keep their own forward."""
+    return type(module) is nn.Linear and module.weight.is_floating_point() and module.weight.is_contiguous()
 
 
 def is_small(x: torch.Tensor, kind: str = "single") -> bool:

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from test_static_loop import StaticOracle, plain_greedy, prompt
-from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35
+from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35, tiny_qwen35_moe, tiny_qwen35_multimodal
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dspark.skinny_linear as skinny
@@ -219,3 +219,31 @@ def test_dspark_generate_takes_the_kernels_on_the_static_path_only(capsys):
     assert resolve_method("auto", False, tiny_llama(seed=38), skinny_kernels=True) == "loop_static"
     assert main(["generate", "hello", "--method", "loop", "--skinny-kernels"]) == 2
     assert "--skinny-kernels needs --method loop_static" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make_target", [tiny_qwen35_moe, tiny_qwen35_multimodal], ids=["qwen3.5-moe", "multimodal"])
+def test_moe_and_multimodal_hybrids_with_the_kernels_equal_plain_greedy(make_target):
+    """The MoE's experts (fused expert weights, not linear layers) keep their own code, its shared expert's MLP runs
+    through the kernels; inside the image-text wrapper only the language model's layers are called."""
+    target = make_target(seed=39)
+    draft = tiny_draft(target, block_size=3, markov_rank=4)
+    ids = prompt(6, seed=10)
+    out = speculative_generate(target, draft, ids, max_new_tokens=8, static_cache=True, skinny_kernels=True)
+    assert out[0, 6:].tolist() == plain_greedy(target, ids, 8)
+
+
+def test_subclasses_of_linear_keep_their_own_forward():
+    """A quantized layer subclasses nn.Linear with packed weights: routing it through the kernels would read them
+    as floats, so only plain nn.Linear modules are routed."""
+
+    class Packed(torch.nn.Linear):
+        pass
+
+    target = tiny_llama(seed=40)
+    target.model.layers[0].mlp.down_proj.__class__ = Packed
+    target.model.layers[1].self_attn.k_proj.__class__ = Packed
+    mlps, groups, linears = skinny.routed_modules(target)
+    routed = {id(m) for m in linears} | {id(m) for group in groups for m in group}
+    assert id(target.model.layers[0].mlp.down_proj) not in routed
+    assert len(groups) == len(target.model.layers) - 1, "the layer with a packed k_proj keeps separate launches"
+    assert id(target.model.layers[1].self_attn.q_proj) in routed
