@@ -14,6 +14,9 @@ On CUDA the two steps are captured as CUDA graphs on first use and replayed; the
 small kernels) runs eagerly, followed by the round's only host sync: one `.tolist()` of the verdicts and blocks.
 A finished row keeps running (shapes are fixed) but stands still: it keeps nothing, so its counters stop moving.
 
+With `skinny_kernels=True` the verify step's projections run through `dspark.skinny_linear`'s Triton kernels
+(installed on the target's modules for the step only; q/k/v and gate-up as one launch each) instead of cuBLAS.
+
 Hybrid targets: the attention layers work as above; each Gated DeltaNet layer keeps what the verify block computed
 (its keys, corrected values and decays, and its conv inputs) and the next verify step first moves every row to its
 state after its kept tokens (`dspark.gated_deltanet_states`), so a round needs no replay forward and keeps its fixed
