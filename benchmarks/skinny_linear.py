@@ -16,6 +16,11 @@ Per product and row count (--rows):
 Timing: a CUDA graph runs the product once over each of as many weight copies as fill 4x the L2 cache (so no
 weight is served from cache), replayed --repeats times; median microseconds per product and GB/s of weight bytes,
 beside the measured device-to-device copy bandwidth. Check: each kernel's output against cuBLAS's.
+
+--chain (attention-only presets): one decoder layer's projections as a dependency chain, q/k/v -> o -> gate-up ->
+down -> the next layer's q/k/v, over enough layer copies to exceed 4x L2: cuBLAS (with its SiLU and product
+kernels), our kernels, and our kernels launched with programmatic dependent launch (each kernel may be launched while
+the previous one still runs, and waits for its writes before reading its input): what launch overlap would save.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-rows", type=int, nargs="*", default=[9])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=400, help="stop sweeping after this long (results so far)")
+    parser.add_argument("--chain", action="store_true", help="also time a layer's launches as a dependency chain")
     return parser.parse_args(argv)
 
 
@@ -73,6 +79,28 @@ def products(preset_name: str) -> list[dict]:
         {"widths": list(widths), "in_features": k, "gated": gated, "count": len(modules), "example": modules[0]}
         for (widths, k, gated), modules in found.items()
     ]
+
+
+def timed_microseconds(run, device: torch.device, repeats: int, per: int) -> float:
+    """Median microseconds of one call of `run`, divided by `per`: replayed from a CUDA graph on a GPU (after one eager
+    call, which compiles, and fails here rather than inside the capture), timed directly on a CPU."""
+    run()
+    if device.type != "cuda":
+        started = time.perf_counter()
+        run()
+        return 1e6 * (time.perf_counter() - started) / per
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    samples = []
+    for _ in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(1e3 * start.elapsed_time(end) / per)
+    return statistics.median(samples[2:])
 
 
 class Product:
@@ -99,29 +127,13 @@ class Product:
         return skinny_linear.launch(self.x, weights, None, self.spec["gated"], plan)
 
     def microseconds(self, run, repeats: int) -> float:
-        """Median microseconds per product: one pass over every weight copy, in a CUDA graph on a GPU."""
+        """Median microseconds per product: one pass over every weight copy."""
 
         def one_pass():
             for weights in self.weights:
                 run(weights)
 
-        one_pass()  # compiles, and fails here (e.g. too much shared memory) rather than inside the capture
-        if self.device.type != "cuda":
-            started = time.perf_counter()
-            one_pass()
-            return 1e6 * (time.perf_counter() - started) / len(self.weights)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            one_pass()
-        samples = []
-        for _ in range(repeats + 2):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            samples.append(1e3 * start.elapsed_time(end) / len(self.weights))
-        return statistics.median(samples[2:])
+        return timed_microseconds(one_pass, self.device, repeats, len(self.weights))
 
     def entry(self, run, repeats: int, reference: torch.Tensor | None = None) -> dict:
         us = self.microseconds(run, repeats)
@@ -160,6 +172,64 @@ def sweep(product: Product, processors: int, repeats: int) -> list[dict]:
             if (stages, warps) != (best["stages"], best["warps"]):
                 attempt(skinny_linear.LaunchPlan(**{**best, "stages": stages, "warps": warps}))
     return tried
+
+
+def layer_chain(preset_name: str, rows: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    """Microseconds per layer of the chain q/k/v -> o -> gate-up -> down for cuBLAS, the kernels, and the kernels
+    with programmatic dependent launch; and whether the last two computed the same output."""
+    shape = cost_model.PRESETS[preset_name].target
+    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
+    head_dim = shape.get("head_dim") or hidden // shape["num_attention_heads"]
+    query, key = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
+    sizes = {"qkv": [(query, hidden), (key, hidden), (key, hidden)], "o": [(hidden, query)]}
+    sizes |= {"gate_up": [(inner, hidden), (inner, hidden)], "down": [(hidden, inner)]}
+    layer_bytes = sum(n * k for group in sizes.values() for n, k in group) * torch.finfo(dtype).bits // 8
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    generator = torch.Generator(device).manual_seed(0)
+    layers = [
+        {
+            name: [torch.randn(n, k, device=device, generator=generator).mul_(k**-0.5).to(dtype) for n, k in group]
+            for name, group in sizes.items()
+        }
+        for _ in range(max(2, math.ceil(4 * l2 / layer_bytes)))
+    ]
+    x = torch.randn(rows, hidden, device=device, generator=generator).to(dtype)
+    linear = torch.nn.functional.linear
+
+    def cublas() -> torch.Tensor:
+        h = x
+        for layer in layers:
+            q, _, _ = (linear(h, w) for w in layer["qkv"])
+            o = linear(q, layer["o"][0])
+            gated = torch.nn.functional.silu(linear(o, layer["gate_up"][0])) * linear(o, layer["gate_up"][1])
+            h = linear(gated, layer["down"][0])
+        return h
+
+    def kernels(pdl: bool) -> torch.Tensor:
+        h = x
+        for layer in layers:
+            qkv = skinny_linear.launch(h, layer["qkv"], pdl=pdl)
+            o = skinny_linear.launch(qkv[:, :query], layer["o"], pdl=pdl)  # q's columns: a row-strided view
+            gated = skinny_linear.launch(o, layer["gate_up"], gated=True, pdl=pdl)
+            h = skinny_linear.launch(gated, layer["down"], pdl=pdl)
+        return h
+
+    variants = {"cublas": cublas, "kernels": lambda: kernels(False), "kernels_pdl": lambda: kernels(True)}
+    result = {"layers": len(layers), "rows": rows, "us_per_layer": {}, "errors": {}}
+    outputs = {}
+    for name, run in variants.items():
+        try:
+            outputs[name] = run()
+            result["us_per_layer"][name] = timed_microseconds(run, device, repeats, len(layers))
+        except Exception as error:  # PDL missing from this Triton or GPU (or the interpreter), say: a result
+            result["errors"][name] = f"{type(error).__name__}: {str(error)[:400]}"
+    if {"cublas", "kernels"} <= set(outputs):
+        reference = outputs["cublas"].float()
+        difference = (outputs["kernels"].float() - reference).abs().max() / reference.abs().max()
+        result["kernels_max_relative_difference_vs_cublas"] = float(difference)
+    if {"kernels", "kernels_pdl"} <= set(outputs):
+        result["pdl_output_equals_kernels"] = bool(torch.equal(outputs["kernels"], outputs["kernels_pdl"]))
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -213,6 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
                 entry["rows"][rows] = {"error": f"{type(error).__name__}: {str(error)[:600]}"}
             report["wall_seconds"] = time.perf_counter() - started
             (out / "skinny_linear.json").write_text(json.dumps(report, indent=1))
+    if args.chain:
+        report["chain"] = layer_chain(args.preset, 9, device, dtype, args.repeats)
+        print("chain (us per layer):", json.dumps(report["chain"]), flush=True)
+        (out / "skinny_linear.json").write_text(json.dumps(report, indent=1))
     return report
 
 

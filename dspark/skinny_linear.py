@@ -36,6 +36,10 @@ try:
     import triton.language as tl
 except ImportError:  # the kernels are optional: CPU installs need no Triton
     triton = None
+try:  # programmatic dependent launch (Hopper and later): an experiment of benchmarks/skinny_linear.py --chain
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 # Most rows a product runs through the kernels with (more keep cuBLAS): measured on an H200 (Qwen3-8B shapes), one
 # projection beat cuBLAS at 1-16 rows and lost at 36; a launch that replaces several GEMMs (q/k/v, gate-up with the
@@ -77,6 +81,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         EVEN: tl.constexpr,
         IEEE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """One BLOCK_OUT-wide tile of one segment's outputs over one split of the input features.
 
@@ -87,6 +92,9 @@ if triton is not None:
         side (gated: gate then up) into out [splits, M, n0 + n1 + ...] for `sum_splits_kernel`.
         EVEN: every n_s is a multiple of BLOCK_OUT and K of BLOCK_IN * splits, so the weight loads need no mask.
         """
+        if PDL:  # launched early: let the next kernel launch too, then wait for the previous one's writes
+            gdc_launch_dependents()
+            gdc_wait()
         tile = tl.program_id(0)
         split = tl.program_id(1)
         width = n0 + n1 + n2 + n3  # the partial sums' row width (and the output's, unless gated)
@@ -227,10 +235,12 @@ def launch(
     bias: torch.Tensor | None = None,
     gated: bool = False,
     plan: LaunchPlan | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """x [M, K] (rows contiguous) times 1-4 contiguous weights [n_s, K]: their outputs side by side [M, sum n_s]
     plus `bias` [sum n_s]; or, `gated` (two weights of equal width), SiLU(x W0^T) * (x W1^T) [M, n0].
-    `plan` overrides `plan_launch` (the tuning benchmark)."""
+    `plan` overrides `plan_launch` (the tuning benchmark). `pdl` launches it with programmatic dependent launch
+    (the chain experiment of the benchmark; not used by the loop)."""
     rows, in_features = x.shape
     widths = [weight.shape[0] for weight in weights]
     if any(weight.dtype != x.dtype or weight.shape[1] != in_features for weight in weights):
@@ -267,8 +277,10 @@ def launch(
         HAS_BIAS=bias is not None and plan.splits == 1,
         EVEN=even,
         IEEE=weights[0].dtype == torch.float32,
+        PDL=pdl,
         num_warps=plan.warps,
         num_stages=plan.stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     if plan.splits > 1:
         size, block = out.numel(), 1024

@@ -40,3 +40,17 @@ def test_the_sweep_times_every_tile_and_split_and_records_what_does_not_run(tmp_
     assert {1, 2} <= splits
     assert all("us" in entry or "error" in entry for entry in tried)
     assert len({(e["plan"]["stages"], e["plan"]["warps"]) for e in tried}) == len(module.PIPELINES)
+
+
+def test_the_layer_chain_runs_cublas_and_the_kernels_on_the_same_input(tmp_path):
+    """--chain: q/k/v -> o -> gate-up -> down over two layers; the interpreter cannot run programmatic dependent
+    launch, which the report records as an error of that variant alone."""
+    module = load_benchmark("skinny_linear")
+    module.main(
+        ["--preset", "tiny", "--device", "cpu", "--rows", "1", "--sweep-rows", "--repeats", "1", "--chain",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    chain = json.loads((tmp_path / "skinny_linear.json").read_text())["chain"]
+    assert set(chain["us_per_layer"]) == {"cublas", "kernels"}
+    assert set(chain["errors"]) == {"kernels_pdl"}
+    assert chain["kernels_max_relative_difference_vs_cublas"] < 1e-2
