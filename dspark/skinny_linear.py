@@ -36,7 +36,9 @@ try:
     import triton.language as tl
 except ImportError:  # the kernels are optional: CPU installs need no Triton
     triton = None
-try:  # programmatic dependent launch (Hopper and later): an experiment of benchmarks/skinny_linear.py --chain
+# Programmatic dependent launch (Hopper and later), for benchmarks/skinny_linear.py --chain only: in this form (launch
+# the successor at once, wait before any load) it measured slower on an H200 (116 against 105 us per layer).
+try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
     gdc_launch_dependents = gdc_wait = None
