@@ -245,8 +245,8 @@ def launch(
     (the chain experiment of the benchmark; not used by the loop)."""
     rows, in_features = x.shape
     widths = [weight.shape[0] for weight in weights]
-    if any(weight.dtype != x.dtype or weight.shape[1] != in_features for weight in weights):
-        shapes = [(tuple(weight.shape), weight.dtype) for weight in weights]
+    if any(w.dtype != x.dtype or w.shape[1] != in_features or not w.is_contiguous() for w in weights):
+        shapes = [(tuple(w.shape), w.dtype, "contiguous" if w.is_contiguous() else "strided") for w in weights]
         raise ValueError(f"dspark: skinny kernels: input {tuple(x.shape)} {x.dtype} does not fit the weights {shapes}")
     if plan is None:
         plan = plan_launch(rows, tuple(widths), in_features, processor_count(x.device), gated)
