@@ -19,10 +19,14 @@ backward), each method's wall time per generated token:
   decode_static_compiled
                         plain decoding through that compiled graph path (`generate_static(draft_tokens=0)`): what a
                         speculative round must beat
+  loop_static_skinny, decode_static_skinny
+                        the two compiled methods with `skinny_kernels=True` (projections through dspark's Triton
+                        kernels; products of more rows than `dspark.skinny_linear.MAX_ROWS` allows keep cuBLAS)
 
 and each loop's round split into its phases (host clock: draft, verify, rollback = snapshot + replay, commit; the
 static path has no rollback phase, its commit runs inside the verify step). With both compiled methods, the report
-predicts the speedup of speculation over plain decoding on the same path at acceptance lengths tau:
+predicts the speedup of speculation over plain decoding on the same path at acceptance lengths tau (for the kernel
+pair too):
 tau x (decode ms per token) / (loop ms per round).
 
 Random weights accept nothing, so every round verifies Q tokens and keeps one per row: for the dynamic loop that is
@@ -53,7 +57,10 @@ from dspark.provenance import run_provenance  # noqa: E402
 from dspark.speculative import speculative_generate  # noqa: E402
 
 HYBRID_PRESETS = sorted(name for name, preset in cost_model.PRESETS.items() if preset.architecture == "qwen3_5")
-METHODS = ("plain", "loop", "loop_static", "loop_static_compiled", "decode_static_compiled")
+METHODS = (
+    "plain", "loop", "loop_static", "loop_static_compiled", "decode_static_compiled", "loop_static_skinny",
+    "decode_static_skinny",
+)  # fmt: skip
 TAUS = (1.0, 2.0, 3.0, 4.0, 5.0)
 PHASES = ("draft", "verify", "rollback", "commit")
 
@@ -95,6 +102,8 @@ def method_runs(target, draft, tokens: int, methods: list[str]) -> dict:
         "loop_static": loop(static_cache=True),
         "loop_static_compiled": loop(static_cache=True, compile_steps=True),
         "decode_static_compiled": graph_path["decode_graph_compiled"],
+        "loop_static_skinny": loop(static_cache=True, compile_steps=True, skinny_kernels=True),
+        "decode_static_skinny": graph_path["decode_graph_skinny"],
     }
     return {name: runs[name] for name in methods}
 
@@ -147,11 +156,12 @@ def measure_batch(target, draft, batch: int, args, device: torch.device) -> dict
             "ms_per_round_wall": 1e3 * statistics.median(seconds[name]) / statistics.median(rounds[name]),
             "rollback_share_of_round": round_phases["rollback"] / max(sum(round_phases.values()), 1e-12),
         }
-    if {"loop_static_compiled", "decode_static_compiled"} <= set(runs):
-        round_ms = entry["loop_static_compiled"]["ms_per_round_wall"]
-        entry["predicted_speedup_over_decode_static_compiled"] = {
-            str(tau): tau * ms["decode_static_compiled"] / round_ms for tau in TAUS
-        }
+    for kind in ("compiled", "skinny"):
+        if {f"loop_static_{kind}", f"decode_static_{kind}"} <= set(runs):
+            round_ms = entry[f"loop_static_{kind}"]["ms_per_round_wall"]
+            entry[f"predicted_speedup_over_decode_static_{kind}"] = {
+                str(tau): tau * ms[f"decode_static_{kind}"] / round_ms for tau in TAUS
+            }
     return entry
 
 

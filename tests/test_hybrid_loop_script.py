@@ -32,17 +32,20 @@ def test_tiny_run_reports_each_loops_phases_per_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_methods_predict_speculations_gain_over_plain_decoding_on_the_same_path(tmp_path):
+@pytest.mark.parametrize("kind", ["compiled", "skinny"])
+def test_compiled_methods_predict_speculations_gain_over_plain_decoding_on_the_same_path(tmp_path, kind):
+    """The compiled pair and, the same with the kernels (Triton's interpreter here), the skinny pair."""
     module = load_benchmark("hybrid_loop")
+    loop, decode = f"loop_static_{kind}", f"decode_static_{kind}"
     module.main(
         ["--preset", "tiny-hybrid", "--device", "cpu", "--batch-sizes", "2", "--prompt-length", "12",
-         "--max-new-tokens", "6", "--block-size", "4", "--repeats", "1", "--methods", "plain", "loop_static_compiled",
-         "decode_static_compiled", "--out", str(tmp_path)]
+         "--max-new-tokens", "6", "--block-size", "4", "--repeats", "1", "--methods", "plain", loop, decode,
+         "--out", str(tmp_path)]
     )  # fmt: skip
     (entry,) = json.loads((tmp_path / "hybrid_loop.json").read_text())["batches"]
     assert "error" not in entry, entry
-    assert set(entry["speedup_vs_plain"]) == {"loop_static_compiled", "decode_static_compiled"}
-    round_ms = entry["loop_static_compiled"]["ms_per_round_wall"]
-    predicted = entry["predicted_speedup_over_decode_static_compiled"]
-    decode_ms = entry["ms_per_token_step"]["decode_static_compiled"]
+    assert set(entry["speedup_vs_plain"]) == {loop, decode}
+    round_ms = entry[loop]["ms_per_round_wall"]
+    predicted = entry[f"predicted_speedup_over_decode_static_{kind}"]
+    decode_ms = entry["ms_per_token_step"][decode]
     assert predicted["3.0"] == pytest.approx(3 * decode_ms / round_ms)
