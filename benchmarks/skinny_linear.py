@@ -238,13 +238,14 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter's bf16 product is broken
-    processors = skinny_linear.processor_count(device)
+    processors, shared_memory = skinny_linear.device_limits(device)
     started = time.perf_counter()
     report = {
         "provenance": run_provenance(args.device),
         "preset": args.preset,
         "dtype": str(dtype),
         "processors": processors,
+        "shared_memory_bytes": shared_memory,
         "copy_bandwidth": cost_model.copy_bandwidth(device, 2048 if device.type == "cuda" else 16, 3, 10),
         "products": [],
     }
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cublas = product.entry(product.cublas, args.repeats)
                 reference = product.cublas(product.weights[0]).float()
                 plan = skinny_linear.plan_launch(
-                    rows, tuple(spec["widths"]), spec["in_features"], processors, spec["gated"]
+                    rows, tuple(spec["widths"]), spec["in_features"], spec["gated"], processors, shared_memory
                 )
                 planned = product.entry(lambda w, p=product: p.kernel(w, None), args.repeats, reference)
                 result = {"cublas": cublas, "planned": {"plan": plan.__dict__, **planned}}

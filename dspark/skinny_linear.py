@@ -203,9 +203,11 @@ MIN_STEPS_PER_SPLIT = 2
 
 
 @functools.cache
-def plan_launch(rows: int, widths: tuple[int, ...], in_features: int, processors: int, gated: bool) -> LaunchPlan:
-    """Tiles and splits for x [rows, in_features] times weights [w, in_features] (w in `widths`, side by side, or a
-    gated pair) on `processors` SMs."""
+def plan_launch(
+    rows: int, widths: tuple[int, ...], in_features: int, gated: bool, processors: int, shared_memory: int
+) -> LaunchPlan:
+    """Tiles and splits for x [rows, in_features] times 16-bit weights [w, in_features] (w in `widths`, side by side,
+    or a gated pair) on a GPU of `processors` SMs and `shared_memory` bytes per program."""
     block_rows = max(16, triton.next_power_of_2(rows))
     block_out = 64
     tiles = sum(triton.cdiv(width, block_out) for width in (widths[:1] if gated else widths))
@@ -215,20 +217,38 @@ def plan_launch(rows: int, widths: tuple[int, ...], in_features: int, processors
         block_in = 256
     else:
         block_in = 128
+    # a deeper pipeline paid off for single long-K tiles (o and down projections: 2-3% faster), not for groups
+    stages = 5 if block_in == 256 and len(widths) == 1 else 4
+    # GPUs with less shared memory than an H200's 227 KiB (an A100: 163 KiB): fewer stages, then narrower K tiles
+    while pipeline_bytes(block_rows, block_out, block_in, stages, gated) > shared_memory:
+        if stages > 3 or block_in == 32:
+            stages -= 1
+        else:
+            block_in //= 2
     steps = triton.cdiv(in_features, block_in)
     splits = 1
     if tiles < processors // NARROW_DIVISOR:
         while tiles * splits < processors and steps // (2 * splits) >= MIN_STEPS_PER_SPLIT:
             splits *= 2
-    # a deeper pipeline paid off for single long-K tiles (o and down projections: 2-3% faster), not for groups
-    stages = 5 if block_in == 256 and len(widths) == 1 else 4
     return LaunchPlan(block_rows, block_out, block_in, splits, stages=stages)
 
 
-def processor_count(device: torch.device) -> int:
+def pipeline_bytes(block_rows: int, block_out: int, block_in: int, stages: int, gated: bool) -> int:
+    """Shared memory of the software pipeline: per stage, the 16-bit weight tile(s) and the input tile. Exactly what
+    Triton reported as required for each of the tiles that did not fit on the H200 (the sweep's errors in
+    docs/results/skinny_linear_h200_2026-12-02/first_plans)."""
+    return stages * ((2 if gated else 1) * block_out + block_rows) * block_in * 2
+
+
+@functools.cache
+def device_limits(device: torch.device) -> tuple[int, int]:
+    """(SMs, shared memory bytes a program may use): Triton's own reading of the GPU; for the interpreter, an H200's
+    SM count and no shared-memory limit that matters."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: any count exercises the split logic
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        properties = triton.runtime.driver.active.utils.get_device_properties(index)
+        return properties["multiprocessor_count"], properties["max_shared_mem"]
+    return 8, 1 << 30  # the interpreter: a small count exercises the split logic
 
 
 def launch(
@@ -249,7 +269,7 @@ def launch(
         shapes = [(tuple(w.shape), w.dtype, "contiguous" if w.is_contiguous() else "strided") for w in weights]
         raise ValueError(f"dspark: skinny kernels: input {tuple(x.shape)} {x.dtype} does not fit the weights {shapes}")
     if plan is None:
-        plan = plan_launch(rows, tuple(widths), in_features, processor_count(x.device), gated)
+        plan = plan_launch(rows, tuple(widths), in_features, gated, *device_limits(x.device))
     out = x.new_empty(rows, widths[0] if gated else sum(widths))
     counted = widths[:1] if gated else widths
     even = all(w % plan.block_out == 0 for w in widths) and in_features % (plan.block_in * plan.splits) == 0

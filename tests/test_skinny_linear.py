@@ -64,18 +64,46 @@ def test_kernels_compute_the_projection_for_every_split_and_ragged_shapes(
         torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
 
 
+H200 = (132, 232448)  # SMs and shared memory per program, as Triton reads them there
+A100 = (108, 166912)
+
+
 def test_narrow_outputs_split_the_input_features_and_wide_ones_do_not():
     """A 1024-wide projection on 132 SMs has 16 output tiles: its input features are split until the programs cover
     the SMs, never into splits shorter than MIN_STEPS_PER_SPLIT tiles; 4096-wide ones, q/k/v together and the
     vocabulary-wide head need no split; gated pairs keep tiles that fit two weights in shared memory."""
-    narrow = skinny.plan_launch(9, (1024,), 4096, 132, False)
+    narrow = skinny.plan_launch(9, (1024,), 4096, False, *H200)
     assert narrow.splits > 1
     assert 4096 // (narrow.block_in * narrow.splits) >= skinny.MIN_STEPS_PER_SPLIT
     for widths in [(4096,), (4096, 1024, 1024), (151936,)]:
-        assert skinny.plan_launch(9, widths, 4096, 132, False).splits == 1
-    assert skinny.plan_launch(9, (1024,), 256, 132, False).splits == 1  # too short to split at all
-    assert skinny.plan_launch(40, (4096,), 4096, 132, False).block_rows == 64
-    assert skinny.plan_launch(9, (12288, 12288), 4096, 132, True).block_in == 64
+        assert skinny.plan_launch(9, widths, 4096, False, *H200).splits == 1
+    assert skinny.plan_launch(9, (1024,), 256, False, *H200).splits == 1  # too short to split at all
+    assert skinny.plan_launch(40, (4096,), 4096, False, *H200).block_rows == 64
+    assert skinny.plan_launch(9, (12288, 12288), 4096, True, *H200).block_in == 64
+
+
+@pytest.mark.parametrize("limits", [H200, A100, (108, 48 * 1024)], ids=["h200", "a100", "48k"])
+@pytest.mark.parametrize("rows", [1, 9, 36])
+@pytest.mark.parametrize("widths, gated", [((4096,), False), ((4096, 1024, 1024), False), ((12288, 12288), True)])
+def test_every_plan_fits_the_gpus_shared_memory(limits, rows, widths, gated):
+    """The pipeline's buffers (what Triton reported as required for tiles that did not fit) stay within the GPU's
+    shared memory: an A100 gets fewer stages than an H200 for the same product, a 48 KiB GPU narrower tiles."""
+    plan = skinny.plan_launch(rows, widths, 4096, gated, *limits)
+    used = skinny.pipeline_bytes(plan.block_rows, plan.block_out, plan.block_in, plan.stages, gated)
+    assert used <= limits[1]
+    assert plan.stages >= 1 and plan.block_in >= 32
+    if (rows, widths, gated) == (9, (4096,), False):
+        assert (plan.stages, plan.block_in) == {H200: (5, 256), A100: (4, 256), (108, 48 * 1024): (3, 64)}[limits]
+
+
+def test_the_shared_memory_estimate_is_what_triton_required_on_the_h200():
+    """Tiles the H200 sweep could not run, with the bytes Triton asked for (skinny_linear_h200_2026-12-02/first_plans),
+    and the shipped 64x256 tile at 5 stages, which ran."""
+    required = {(64, 256, 4, True): 294912, (128, 128, 4, True): 278528, (128, 256, 4, False): 294912}
+    required[(64, 256, 6, False)] = 245760
+    for (block_out, block_in, stages, gated), bytes_required in required.items():
+        assert skinny.pipeline_bytes(16, block_out, block_in, stages, gated) == bytes_required
+    assert skinny.pipeline_bytes(16, 64, 256, 5, gated=False) <= H200[1]
 
 
 def counting_launches(monkeypatch) -> list[tuple[int, tuple[int, ...], bool]]:
