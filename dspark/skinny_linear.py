@@ -116,6 +116,7 @@ if triton is not None:
         span = tl.cdiv(tl.cdiv(in_features, BLOCK_IN), splits) * BLOCK_IN  # a whole number of BLOCK_IN per split
         start = split * span
         stop = tl.minimum(start + span, in_features)
+        precision: tl.constexpr = "ieee" if IEEE else "tf32"  # float32 weights: no TF32 rounding (tf32: the default)
         acc = tl.zeros((BLOCK_OUT, BLOCK_ROWS), dtype=tl.float32)
         up_acc = tl.zeros((BLOCK_OUT, BLOCK_ROWS), dtype=tl.float32)
         for offset in range(start, stop, BLOCK_IN):
@@ -123,24 +124,13 @@ if triton is not None:
             x_mask = (tokens[:, None] < rows) & (ins[None, :] < in_features)
             x_tile = tl.load(x_ptr + tokens[:, None] * x_row_stride + ins[None, :], mask=x_mask, other=0.0)
             w_offsets = outs[:, None] * in_features + ins[None, :]
-            w_mask = (outs[:, None] < features) & (ins[None, :] < in_features)
-            if EVEN:
-                w_tile = tl.load(weight_ptr + w_offsets)
-            else:
-                w_tile = tl.load(weight_ptr + w_offsets, mask=w_mask, other=0.0)
-            if IEEE:  # float32 weights: no TF32 rounding
-                acc = tl.dot(w_tile, tl.trans(x_tile), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w_tile, tl.trans(x_tile), acc)
+            w_mask = None if EVEN else (outs[:, None] < features) & (ins[None, :] < in_features)
+            w_other = None if EVEN else 0.0
+            w_tile = tl.load(weight_ptr + w_offsets, mask=w_mask, other=w_other)
+            acc = tl.dot(w_tile, tl.trans(x_tile), acc, input_precision=precision)
             if GATED:
-                if EVEN:
-                    u_tile = tl.load(w1_ptr + w_offsets)
-                else:
-                    u_tile = tl.load(w1_ptr + w_offsets, mask=w_mask, other=0.0)
-                if IEEE:
-                    up_acc = tl.dot(u_tile, tl.trans(x_tile), up_acc, input_precision="ieee")
-                else:
-                    up_acc = tl.dot(u_tile, tl.trans(x_tile), up_acc)
+                u_tile = tl.load(w1_ptr + w_offsets, mask=w_mask, other=w_other)
+                up_acc = tl.dot(u_tile, tl.trans(x_tile), up_acc, input_precision=precision)
         out_mask = (tokens[None, :] < rows) & (outs[:, None] < features)
         columns = first + outs
         if not PARTIAL:
