@@ -418,8 +418,9 @@ def runner_for(
             runners.pop(next(iter(runners)))
         max_len = bucket_length(needed)
         runner = StaticSpeculativeRunner(
-            target, draft, batch, max_len, processors, do_sample, use_graphs, key, *setting[1:]
-        )
+            target, draft, batch, max_len, processors, do_sample, use_graphs, key,
+            draft_tokens=draft_tokens, compile_steps=compile_steps, skinny_kernels=skinny_kernels,
+        )  # fmt: skip
     runners[key] = runner
     if fresh:
         runner.prepare()
