@@ -10,7 +10,8 @@ Products: the target of benchmarks/cost_model.py's preset is built on the meta d
 groups (q, k and v; a Gated DeltaNet layer's four input projections: one launch each), then every other linear layer
 (o and down projections, the output head); equal shapes are timed once.
 Per product and row count (--rows):
-  cublas    F.linear per weight (gated: the two GEMMs, without the activation kernel cuBLAS would still need)
+  cublas    F.linear per weight: the GEMMs alone (no activation kernels for a gated pair, no concatenation for a
+            group; the runs in docs/results/skinny_linear_h200_2026-12-02 timed those too)
   planned   the kernel with `plan_launch`'s tiles and splits: what the loop runs
   best      (rows in --sweep-rows) the fastest of a sweep: tiles x splits first, then stages x warps for the best
 Timing: a CUDA graph runs the product once over each of as many weight copies as fill 4x the L2 cache (so no
@@ -119,8 +120,13 @@ class Product:
         ]
         self.x = torch.randn(rows, k, device=device, generator=generator).to(dtype)
 
-    def cublas(self, weights: list[torch.Tensor]) -> torch.Tensor:
-        outs = [torch.nn.functional.linear(self.x, w) for w in weights]
+    def cublas(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What cuBLAS must do in any case: one GEMM per weight (the timed baseline)."""
+        return [torch.nn.functional.linear(self.x, w) for w in weights]
+
+    def reference(self) -> torch.Tensor:
+        """What the kernel computes, from cuBLAS's GEMMs: SiLU(gate) * up, or the group's outputs side by side."""
+        outs = self.cublas(self.weights[0])
         return torch.nn.functional.silu(outs[0]) * outs[1] if self.spec["gated"] else torch.cat(outs, dim=-1)
 
     def kernel(self, weights: list[torch.Tensor], plan: skinny_linear.LaunchPlan | None) -> torch.Tensor:
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 product = Product(spec, rows, device, dtype)
                 cublas = product.entry(product.cublas, args.repeats)
-                reference = product.cublas(product.weights[0]).float()
+                reference = product.reference().float()
                 plan = skinny_linear.plan_launch(
                     rows, tuple(spec["widths"]), spec["in_features"], spec["gated"], processors, shared_memory
                 )
