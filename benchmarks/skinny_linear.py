@@ -27,6 +27,7 @@ the previous one still runs, and waits for its writes before reading its input):
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -56,11 +57,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="directory for skinny_linear.json")
     parser.add_argument("--preset", default="qwen3-8b", choices=sorted(cost_model.PRESETS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 9, 16, 36, 64])
+    parser.add_argument("--rows", type=int, nargs="*", default=[1, 9, 16, 36, 64])
     parser.add_argument("--sweep-rows", type=int, nargs="*", default=[9])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=400, help="stop sweeping after this long (results so far)")
     parser.add_argument("--chain", action="store_true", help="also time a layer's launches as a dependency chain")
+    parser.add_argument(
+        "--prefetch", action="store_true", help="also time the chain with idle gaps, with and without L2 prefetches"
+    )
+    parser.add_argument(
+        "--gaps-us", type=float, nargs=3, default=[20.0, 4.0, 7.0], metavar=("ATTENTION", "NORM", "END")
+    )
+    parser.add_argument("--budgets-mib", type=float, nargs="+", default=[8, 16, 32])
     return parser.parse_args(argv)
 
 
@@ -183,23 +191,9 @@ def sweep(product: Product, processors: int, repeats: int) -> list[dict]:
 def layer_chain(preset_name: str, rows: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
     """Microseconds per layer of the chain q/k/v -> o -> gate-up -> down for cuBLAS, the kernels, and the kernels
     with programmatic dependent launch; and whether the last two computed the same output."""
-    shape = cost_model.PRESETS[preset_name].target
-    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
-    head_dim = shape.get("head_dim") or hidden // shape["num_attention_heads"]
-    query, key = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
-    sizes = {"qkv": [(query, hidden), (key, hidden), (key, hidden)], "o": [(hidden, query)]}
-    sizes |= {"gate_up": [(inner, hidden), (inner, hidden)], "down": [(hidden, inner)]}
-    layer_bytes = sum(n * k for group in sizes.values() for n, k in group) * torch.finfo(dtype).bits // 8
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-    generator = torch.Generator(device).manual_seed(0)
-    layers = [
-        {
-            name: [torch.randn(n, k, device=device, generator=generator).mul_(k**-0.5).to(dtype) for n, k in group]
-            for name, group in sizes.items()
-        }
-        for _ in range(max(2, math.ceil(4 * l2 / layer_bytes)))
-    ]
-    x = torch.randn(rows, hidden, device=device, generator=generator).to(dtype)
+    layers, query = layer_weights(preset_name, device, dtype, 2)
+    hidden = layers[0]["qkv"][0].shape[1]
+    x = torch.randn(rows, hidden, device=device, generator=torch.Generator(device).manual_seed(1)).to(dtype)
     linear = torch.nn.functional.linear
 
     def cublas() -> torch.Tensor:
@@ -235,6 +229,107 @@ def layer_chain(preset_name: str, rows: int, device: torch.device, dtype: torch.
         result["kernels_max_relative_difference_vs_cublas"] = float(difference)
     if {"kernels", "kernels_pdl"} <= set(outputs):
         result["pdl_output_equals_kernels"] = bool(torch.equal(outputs["kernels"], outputs["kernels_pdl"]))
+    return result
+
+
+def layer_weights(preset_name: str, device: torch.device, dtype: torch.dtype, least: int) -> tuple[list[dict], int]:
+    """Random weights of one decoder layer's projections (q/k/v, o, gate-up, down) for as many layers as exceed 4x
+    the L2 cache (at least `least`), and the width of q."""
+    shape = cost_model.PRESETS[preset_name].target
+    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
+    head_dim = shape.get("head_dim") or hidden // shape["num_attention_heads"]
+    query, key = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
+    sizes = {"qkv": [(query, hidden), (key, hidden), (key, hidden)], "o": [(hidden, query)]}
+    sizes |= {"gate_up": [(inner, hidden), (inner, hidden)], "down": [(hidden, inner)]}
+    layer_bytes = sum(n * k for group in sizes.values() for n, k in group) * torch.finfo(dtype).bits // 8
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    generator = torch.Generator(device).manual_seed(0)
+    count = max(least, math.ceil(4 * l2 / layer_bytes))
+    layers = [
+        {
+            name: [torch.randn(n, k, device=device, generator=generator).mul_(k**-0.5).to(dtype) for n, k in group]
+            for name, group in sizes.items()
+        }
+        for _ in range(count)
+    ]
+    return layers, query
+
+
+def sleep_cycles_per_microsecond(device: torch.device) -> float:
+    """torch.cuda._sleep's spin cycles per microsecond of this GPU, timed."""
+    cycles = 2_000_000
+    torch.cuda._sleep(1000)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (1e3 * start.elapsed_time(end))
+
+
+def prefetch_chain(
+    preset_name: str, rows: int, device: torch.device, dtype: torch.dtype, repeats: int, gaps_us, budgets_mib
+) -> dict:
+    """The layer chain with idle gaps where the verify step runs its other kernels (after q/k/v: attention; after o:
+    a norm; after down: the residual and the next norm; a one-thread spin kernel each), microseconds per layer:
+    without prefetches, and with the next projection's weights prefetched into L2 on a side stream during each gap
+    (o whole; gate-up and the next layer's q/k/v up to a budget), joined before the consumer or at the end."""
+    from dspark import l2_prefetch
+
+    layers, query = layer_weights(preset_name, device, dtype, 4)
+    x = torch.randn(rows, layers[0]["qkv"][0].shape[1], device=device, dtype=dtype)
+    per_us = sleep_cycles_per_microsecond(device)
+    gaps = [int(gap * per_us) for gap in gaps_us]
+    launch = skinny_linear.launch
+    prefetcher = l2_prefetch.SideStreamPrefetcher(device)
+
+    def chain(with_gaps: bool, budget: int | None, join_at_consumer: bool) -> torch.Tensor:
+        def gap(index: int) -> None:
+            if with_gaps and gaps[index] > 0:
+                torch.cuda._sleep(gaps[index])
+
+        def fetch(weights: list[torch.Tensor], limit: int | None) -> None:
+            if budget is not None:
+                prefetcher.prefetch(weights, limit)
+
+        def ready() -> None:
+            if join_at_consumer:
+                prefetcher.join()
+
+        h = x
+        for index, layer in enumerate(layers):
+            ready()
+            qkv = launch(h, layer["qkv"])
+            fetch(layer["o"], None)
+            gap(0)
+            ready()
+            o = launch(qkv[:, :query].contiguous(), layer["o"])
+            fetch(layer["gate_up"], budget)
+            gap(1)
+            ready()
+            gated = launch(o, layer["gate_up"], gated=True)
+            h = launch(gated, layer["down"])
+            fetch(layers[(index + 1) % len(layers)]["qkv"], budget)
+            gap(2)
+        prefetcher.join()
+        return h
+
+    variants = {"kernels": (False, None, False), "kernels_gaps": (True, None, False)}
+    for mib in budgets_mib:
+        for join in ("consumer", "end"):
+            variants[f"prefetch_{mib:g}mib_join_{join}"] = (True, int(mib * 2**20), join == "consumer")
+    result = {"layers": len(layers), "rows": rows, "gaps_us": list(gaps_us), "sleep_cycles_per_us": per_us}
+    result |= {"us_per_layer": {}, "errors": {}}
+    reference = chain(False, None, False)
+    for name, (with_gaps, budget, join) in variants.items():
+        try:
+            run = functools.partial(chain, with_gaps, budget, join)
+            result["us_per_layer"][name] = timed_microseconds(run, device, repeats, len(layers))
+            if not torch.equal(run(), reference):
+                result["errors"][name] = "output differs from the kernels' without prefetches"
+        except Exception as error:
+            result["errors"][name] = f"{type(error).__name__}: {str(error)[:400]}"
+        print(f"  {name}: {result['us_per_layer'].get(name)} us per layer", flush=True)
     return result
 
 
@@ -293,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.chain:
         report["chain"] = layer_chain(args.preset, 9, device, dtype, args.repeats)
         print("chain (us per layer):", json.dumps(report["chain"]), flush=True)
+        (out / "skinny_linear.json").write_text(json.dumps(report, indent=1))
+    if args.prefetch:
+        report["prefetch"] = prefetch_chain(args.preset, 9, device, dtype, args.repeats, args.gaps_us, args.budgets_mib)
         (out / "skinny_linear.json").write_text(json.dumps(report, indent=1))
     return report
 

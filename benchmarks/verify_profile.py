@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="sizes the static caches")
-    parser.add_argument("--variants", nargs="+", default=["graph", "compiled"], choices=["graph", "compiled"])
+    parser.add_argument(
+        "--variants", nargs="+", default=["graph", "compiled"], choices=["graph", "compiled", "compiled_skinny"]
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profiled-calls", type=int, default=5)
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE")
@@ -120,14 +122,56 @@ def kernel_breakdown(run, device: torch.device, calls: int) -> dict:
     }
 
 
-def measure_variant(target, draft, prompt, args, compiled: bool, draft_tokens: int | None) -> dict:
+def replay_timeline(run, device: torch.device, calls: int) -> dict | None:
+    """The kernels of `calls` graph replays as the profiler saw them inside the graph, in launch order: per kernel of
+    one call, its name, class, microseconds and the idle microseconds before it (None where the profiler sees no
+    kernels inside a graph replay)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            run()
+            synchronize(device)
+    kernels = sorted(
+        (event.time_range.start, event.time_range.end, event.name)
+        for event in profiler.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.end > event.time_range.start
+    )
+    if not kernels or len(kernels) % calls:
+        return None
+    per_call = len(kernels) // calls
+    last = kernels[-per_call:]  # the last replay: warm
+    timeline, previous_end = [], last[0][0]
+    for start, end, name in last:
+        timeline.append(
+            {"name": name[:120], "class": kernel_class(name), "us": end - start, "idle_before_us": start - previous_end}
+        )
+        previous_end = end
+    idle = sum(k["idle_before_us"] for k in timeline)
+    per_class = defaultdict(float)
+    for k in timeline:
+        per_class[k["class"]] += k["us"]
+    return {
+        "kernels": len(timeline),
+        "span_us": last[-1][1] - last[0][0],
+        "idle_us": idle,
+        "us_per_class": dict(per_class),
+        "timeline": timeline,
+    }
+
+
+@torch.no_grad()  # as the loop runs its steps (a compiled step called with gradients on would compile again)
+def measure_variant(target, draft, prompt, args, variant: str, draft_tokens: int | None) -> dict:
     device = target.device
     use_graphs = device.type == "cuda"
     needed = prompt.shape[1] + args.max_new_tokens + 2 * (draft.config.num_draft_tokens + 1)
     started = time.perf_counter()
+    compiled, skinny = variant.startswith("compiled"), variant.endswith("skinny")
     runner = static_loop.runner_for(
-        target, draft, 1, needed, LogitsProcessorList(), False, use_graphs, ("greedy",), draft_tokens, compiled
-    )
+        target, draft, 1, needed, LogitsProcessorList(), False, use_graphs, ("greedy",), draft_tokens, compiled,
+        skinny,
+    )  # fmt: skip
     prepare_seconds = time.perf_counter() - started
     b = runner.buffers
     with torch.no_grad():
@@ -148,9 +192,17 @@ def measure_variant(target, draft, prompt, args, compiled: bool, draft_tokens: i
         breakdown = kernel_breakdown(runner.verify_step.step, device, args.profiled_calls)
     breakdown["idle_ms_per_call"] = max(timings["median_ms"] - breakdown["kernel_ms_per_call"], 0.0)
     entry["kernels"] = breakdown
+    if use_graphs:
+        entry["replay"] = replay_timeline(runner.verify_step, device, 3)
     print(
-        f"  Q={runner.queries} {'compiled' if compiled else 'graph'}: {timings['median_ms']:.3f} ms"
+        f"  Q={runner.queries} {variant}: {timings['median_ms']:.3f} ms"
         + (f" ({entry['verify_vs_roofline']:.2f}x roofline)" if "verify_vs_roofline" in entry else "")
+        + (
+            f", replay: {entry['replay']['kernels']} kernels, idle {entry['replay']['idle_us']:.0f} us, "
+            f"{ {k: round(v) for k, v in entry['replay']['us_per_class'].items()} }"
+            if entry.get("replay")
+            else ""
+        )
         + f", kernels {breakdown['kernel_ms_per_call']:.3f} ms in "
         + f"{sum(breakdown['kernels_per_call'].values())} launches: "
         + ", ".join(f"{k} {v:.3f}" for k, v in breakdown["ms_per_call"].items()),
@@ -183,8 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         for draft_tokens, label in ((None, f"verify_{args.block_size + 1}"), (0, "decode_1")):
             name = f"{variant}/{label}"
             try:
-                compiled = variant == "compiled"
-                report["variants"][name] = measure_variant(target, draft, prompt, args, compiled, draft_tokens)
+                report["variants"][name] = measure_variant(target, draft, prompt, args, variant, draft_tokens)
             except Exception as error:  # one variant failing is a result; the others still run
                 report["variants"][name] = {"error": f"{type(error).__name__}: {str(error)[:800]}"}
                 print(f"  {name} failed: {error}", flush=True)
