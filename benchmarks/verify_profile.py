@@ -40,6 +40,8 @@ from dspark import static_loop  # noqa: E402
 from dspark.evaluation.bench import synchronize  # noqa: E402
 from dspark.provenance import run_provenance  # noqa: E402
 
+DEFAULT_ATTENTION_BACKENDS = static_loop.VERIFY_ATTENTION_BACKENDS
+
 # kernel name patterns, checked in this order; the first that matches names the class
 KERNEL_CLASSES = (
     ("attention", re.compile(r"flash|fmha|attention|attn|sdpa", re.I)),
@@ -57,9 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="sizes the static caches")
-    parser.add_argument(
-        "--variants", nargs="+", default=["graph", "compiled"], choices=["graph", "compiled", "compiled_skinny"]
-    )
+    variants = ["graph", "compiled", "compiled_skinny", "compiled_skinny_cudnn"]
+    parser.add_argument("--variants", nargs="+", default=["graph", "compiled"], choices=variants)
+    parser.add_argument("--steps", nargs="+", default=["verify", "decode"], choices=["verify", "decode"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profiled-calls", type=int, default=5)
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE")
@@ -167,7 +169,9 @@ def measure_variant(target, draft, prompt, args, variant: str, draft_tokens: int
     use_graphs = device.type == "cuda"
     needed = prompt.shape[1] + args.max_new_tokens + 2 * (draft.config.num_draft_tokens + 1)
     started = time.perf_counter()
-    compiled, skinny = variant.startswith("compiled"), variant.endswith("skinny")
+    compiled, skinny = variant.startswith("compiled"), "skinny" in variant
+    # _cudnn: torch's own choice of attention kernel, which picks cuDNN's on Hopper (the loop excludes it)
+    static_loop.VERIFY_ATTENTION_BACKENDS = None if variant.endswith("cudnn") else DEFAULT_ATTENTION_BACKENDS
     runner = static_loop.runner_for(
         target, draft, 1, needed, LogitsProcessorList(), False, use_graphs, ("greedy",), draft_tokens, compiled,
         skinny,
@@ -232,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
         "variants": {},
     }
     for variant in args.variants:
-        for draft_tokens, label in ((None, f"verify_{args.block_size + 1}"), (0, "decode_1")):
+        steps = {"verify": (None, f"verify_{args.block_size + 1}"), "decode": (0, "decode_1")}
+        for draft_tokens, label in (steps[step] for step in args.steps):
             name = f"{variant}/{label}"
             try:
                 report["variants"][name] = measure_variant(target, draft, prompt, args, variant, draft_tokens)
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  {name} failed: {error}", flush=True)
             (out / "verify_profile.json").write_text(json.dumps(report, indent=1))
         static_loop._RUNNERS.clear()
+        torch._dynamo.reset()  # compiled code of another attention backend must not be reused
     return report
 
 
