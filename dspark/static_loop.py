@@ -67,6 +67,7 @@ from .static_cache import (
     row_static_cache,
 )
 from .verify import Verdict, verify
+from .verify_attention import routed_sdpa
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 # The verify step's SDPA kernels: every backend but cuDNN's. On an H200, cuDNN's attention for a verify block (9
@@ -346,8 +347,9 @@ class StaticSpeculativeRunner:
             # hybrid targets: their Gated DeltaNet layers run `block_forward` on our cache entries during the call
             if self.linear_states is not None:
                 installed.enter_context(self.linear_states.installed())
-            if self.projections is not None:
+            if self.projections is not None:  # skinny_kernels: the projections and the attention
                 installed.enter_context(self.projections.installed())
+                installed.enter_context(routed_sdpa())
             if VERIFY_ATTENTION_BACKENDS is not None:
                 installed.enter_context(sdpa_kernel(list(VERIFY_ATTENTION_BACKENDS)))
             out = model(

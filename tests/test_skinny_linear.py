@@ -1,4 +1,5 @@
-"""The verify step's projections through weight-streaming Triton kernels (`skinny_kernels=True`).
+"""The verify step's projections (and attention: tests/test_verify_attention.py) through our Triton kernels
+(`skinny_kernels=True`).
 
 On a CPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET), in float32 and float16: the
 interpreter's bf16 matrix product is broken (it multiplies the raw bits), and the kernel's code does not depend on
@@ -14,6 +15,7 @@ from tiny_models import tiny_draft, tiny_llama, tiny_qwen3, tiny_qwen35, tiny_qw
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dspark.skinny_linear as skinny
+import dspark.verify_attention as verify_attention
 from dspark.speculative import speculative_generate
 
 if os.environ.get("CI"):
@@ -129,6 +131,11 @@ def test_greedy_output_with_the_kernels_equals_plain_generate(make_target, monke
     expected = plain_greedy(target, ids, 16)
     StaticOracle(draft, expected, ids.shape[1], wrong_every=3)
     launches = counting_launches(monkeypatch)
+    attention_calls = []
+    attention = verify_attention.attention
+    monkeypatch.setattr(
+        verify_attention, "attention", lambda q, *rest: attention_calls.append(q.shape) or attention(q, *rest)
+    )
     out = speculative_generate(
         target, draft, ids, max_new_tokens=16, static_cache=True, skinny_kernels=True, return_stats=True
     )
@@ -143,6 +150,9 @@ def test_greedy_output_with_the_kernels_equals_plain_generate(make_target, monke
     grouped = [widths for _, widths, gated_pair in launches if len(widths) > 1 and not gated_pair]
     kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     assert len(grouped) == len(kinds) * rounds, "one launch per round for each layer's q/k/v (or in_proj group)"
+    attention_layers = sum(kind == "full_attention" for kind in kinds)
+    assert len(attention_calls) == attention_layers * rounds, "the attention kernel in every attention layer"
+    assert {shape[2] for shape in attention_calls} == {queries}
     untouched = [m for m in target.modules() if isinstance(m, torch.nn.Linear) and "forward" in m.__dict__]
     assert not untouched, "the kernels are installed during the verify step only"
 
