@@ -40,8 +40,6 @@ from dspark import static_loop  # noqa: E402
 from dspark.evaluation.bench import synchronize  # noqa: E402
 from dspark.provenance import run_provenance  # noqa: E402
 
-DEFAULT_ATTENTION_BACKENDS = static_loop.VERIFY_ATTENTION_BACKENDS
-
 # kernel name patterns, checked in this order; the first that matches names the class
 KERNEL_CLASSES = (
     ("attention", re.compile(r"flash|fmha|attention|attn|sdpa", re.I)),
@@ -59,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="sizes the static caches")
-    variants = ["graph", "compiled", "compiled_skinny", "compiled_skinny_cudnn"]
+    variants = ["graph", "compiled", "compiled_skinny"]
     parser.add_argument("--variants", nargs="+", default=["graph", "compiled"], choices=variants)
     parser.add_argument("--steps", nargs="+", default=["verify", "decode"], choices=["verify", "decode"])
     parser.add_argument("--repeats", type=int, default=20)
@@ -170,8 +168,6 @@ def measure_variant(target, draft, prompt, args, variant: str, draft_tokens: int
     needed = prompt.shape[1] + args.max_new_tokens + 2 * (draft.config.num_draft_tokens + 1)
     started = time.perf_counter()
     compiled, skinny = variant.startswith("compiled"), "skinny" in variant
-    # _cudnn: torch's own choice of attention kernel, which picks cuDNN's on Hopper (the loop excludes it)
-    static_loop.VERIFY_ATTENTION_BACKENDS = None if variant.endswith("cudnn") else DEFAULT_ATTENTION_BACKENDS
     runner = static_loop.runner_for(
         target, draft, 1, needed, LogitsProcessorList(), False, use_graphs, ("greedy",), draft_tokens, compiled,
         skinny,
@@ -246,7 +242,6 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  {name} failed: {error}", flush=True)
             (out / "verify_profile.json").write_text(json.dumps(report, indent=1))
         static_loop._RUNNERS.clear()
-        torch._dynamo.reset()  # compiled code of another attention backend must not be reused
     return report
 
 

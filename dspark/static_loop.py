@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import compile_regions
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, LogitsProcessorList
 
 from .acceptance import AcceptanceStats
@@ -70,11 +69,6 @@ from .verify import Verdict, verify
 from .verify_attention import routed_sdpa
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-# The verify step's SDPA kernels: every backend but cuDNN's. On an H200, cuDNN's attention for a verify block (9
-# queries, with the mask the static cache needs) took 9.4 us per layer plus ~5 us of idle GPU before it and a memset
-# (benchmarks/verify_profile.py); the memory-efficient kernel serves such blocks in a fraction of that. None: torch's
-# own choice (the benchmark's comparison).
-VERIFY_ATTENTION_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 def check_static_support(target) -> None:
@@ -350,8 +344,6 @@ class StaticSpeculativeRunner:
             if self.projections is not None:  # skinny_kernels: the projections and the attention
                 installed.enter_context(self.projections.installed())
                 installed.enter_context(routed_sdpa())
-            if VERIFY_ATTENTION_BACKENDS is not None:
-                installed.enter_context(sdpa_kernel(list(VERIFY_ATTENTION_BACKENDS)))
             out = model(
                 input_ids=torch.cat([b.anchor[:, None], b.block_tokens], dim=1),
                 attention_mask=b.target_mask,
