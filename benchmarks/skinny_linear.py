@@ -22,6 +22,12 @@ beside the measured device-to-device copy bandwidth. Check: each kernel's output
 down -> the next layer's q/k/v, over enough layer copies to exceed 4x L2: cuBLAS (with its SiLU and product
 kernels), our kernels, and our kernels launched with programmatic dependent launch (each kernel may be launched while
 the previous one still runs, and waits for its writes before reading its input): what launch overlap would save.
+
+--prefetch (attention-only presets): the same chain with idle gaps where the verify step runs its other kernels
+(--gaps-us after q/k/v, after o, after down; one-thread spin kernels), without and with the next projection's
+weights prefetched into L2 on a side stream during each gap (benchmarks/l2_prefetch.py; budgets --budgets-mib),
+joined before the consumer or at the end: what filling the memory bus's idle time would save. --rows with no value
+skips the per-product timings.
 """
 
 from __future__ import annotations
@@ -274,7 +280,7 @@ def prefetch_chain(
     a norm; after down: the residual and the next norm; a one-thread spin kernel each), microseconds per layer:
     without prefetches, and with the next projection's weights prefetched into L2 on a side stream during each gap
     (o whole; gate-up and the next layer's q/k/v up to a budget), joined before the consumer or at the end."""
-    from dspark import l2_prefetch
+    import l2_prefetch
 
     layers, query = layer_weights(preset_name, device, dtype, 4)
     x = torch.randn(rows, layers[0]["qkv"][0].shape[1], device=device, dtype=dtype)

@@ -15,10 +15,13 @@ the kernel's output against SDPA's in float32 (max absolute difference).
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time the kernel over key-block sizes x stages x key parts per shape"
+    )
     return parser.parse_args(argv)
 
 
@@ -110,10 +116,28 @@ def measure(shape: dict, batch: int, queries: int, length: int, device, dtype, a
     entry["kernel_max_abs_difference"] = float((kernel - reference).abs().max())
     processors = verify_attention.device_limits(device)[0]
     heads, kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[-1]
-    entry["plan"] = verify_attention.plan_attention(
-        batch, heads, kv_heads, queries, length, head_dim, processors
-    ).__dict__
+    plan = verify_attention.plan_attention(batch, heads, kv_heads, queries, length, head_dim, processors)
+    entry["plan"] = plan.__dict__
+    if args.sweep:
+        entry["sweep"] = sweep(plan, length, lambda p: verify_attention.attention(query, key, value, mask, scaling, p),
+                               device, args)  # fmt: skip
+        entry["best"] = min((t for t in entry["sweep"] if "us" in t), key=lambda t: t["us"], default=None)
     return entry
+
+
+def sweep(plan, keys: int, run, device, args) -> list[dict]:
+    """The kernel's time for key blocks of 32-128 keys, 1-3 pipeline stages and 1-8 key parts."""
+    tried = []
+    for block_n, stages, splits in itertools.product((32, 64, 128), (1, 2, 3), (1, 2, 4, 8)):
+        if splits * block_n > keys:
+            continue
+        candidate = replace(verify_attention.split_keys(plan, keys, splits, block_n), stages=stages)
+        try:
+            us = microseconds(functools.partial(run, candidate), device, args.calls, args.repeats)
+            tried.append({"plan": candidate.__dict__, "us": us})
+        except Exception as error:  # too much shared memory, say: a result
+            tried.append({"plan": candidate.__dict__, "error": f"{type(error).__name__}: {str(error)[:200]}"})
+    return tried
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -143,6 +143,15 @@ class AttentionPlan:
     keys_per_split: int  # keys per program
     splits: int  # programs per (sequence, key/value head, row block) over the keys
     warps: int
+    block_n: int = BLOCK_KEYS  # keys per step of a program
+    stages: int = 2
+
+
+def split_keys(plan: AttentionPlan, keys: int, splits: int, block_n: int | None = None) -> AttentionPlan:
+    """`plan` with its keys over `splits` parts (whole key blocks each: the count may come out lower)."""
+    block_n = block_n or plan.block_n
+    keys_per_split = triton.cdiv(triton.cdiv(keys, splits), block_n) * block_n
+    return replace(plan, keys_per_split=keys_per_split, splits=triton.cdiv(keys, keys_per_split), block_n=block_n)
 
 
 @functools.cache
@@ -159,19 +168,25 @@ def plan_attention(
     splits = 1
     if keys > 512 and 2 * programs < processors:
         splits = max(1, min(triton.cdiv(keys, 256), triton.cdiv(processors, programs)))
-    keys_per_split = triton.cdiv(triton.cdiv(keys, splits), BLOCK_KEYS) * BLOCK_KEYS
-    splits = triton.cdiv(keys, keys_per_split)
-    return AttentionPlan(block_m, block_dim, row_blocks, keys_per_split, splits, 8 if block_dim >= 256 else 4)
+    plan = AttentionPlan(block_m, block_dim, row_blocks, keys, 1, 8 if block_dim >= 256 else 4)
+    return split_keys(plan, keys, splits)
 
 
 def attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
     """softmax(query key^T * scaling + mask) value for query [B, H, Q, D], key/value [B, Hkv, L, D] (last dimension
-    contiguous), mask [B or 1, 1 or H, Q, L] or None; returns [B, Q, H, D]."""
+    contiguous), mask [B or 1, 1 or H, Q, L] or None; returns [B, Q, H, D]. `plan` overrides `plan_attention` (the
+    tuning benchmark)."""
     batch, heads, queries, head_dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    plan = plan_attention(batch, heads, kv_heads, queries, keys, head_dim, device_limits(query.device)[0])
+    if plan is None:
+        plan = plan_attention(batch, heads, kv_heads, queries, keys, head_dim, device_limits(query.device)[0])
     out = query.new_empty(batch, queries, heads, head_dim)
     if mask is None:
         kind, mask_strides, mask = MASK_NONE, (0, 0, 0, 0), query
@@ -187,8 +202,8 @@ def attention(
         query, key, value, mask, out, partial, stats,
         queries, keys, heads // kv_heads, kv_heads, scaling, plan.keys_per_split,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *mask_strides, *out.stride()[:3],
-        HEAD_DIM=head_dim, BLOCK_DIM=plan.block_dim, BLOCK_M=plan.block_m, BLOCK_N=BLOCK_KEYS, MASK_KIND=kind,
-        SPLIT=plan.splits > 1, IEEE=query.dtype == torch.float32, num_warps=plan.warps, num_stages=2,
+        HEAD_DIM=head_dim, BLOCK_DIM=plan.block_dim, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, MASK_KIND=kind,
+        SPLIT=plan.splits > 1, IEEE=query.dtype == torch.float32, num_warps=plan.warps, num_stages=plan.stages,
     )  # fmt: skip
     if plan.splits > 1:
         combine_splits_kernel[(batch * heads * queries,)](
