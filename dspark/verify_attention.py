@@ -36,6 +36,7 @@ except ImportError:  # optional, as for dspark.skinny_linear
 
 MAX_QUERIES = 64  # queries per sequence served (a verify block); more go to SDPA
 BLOCK_KEYS = 64
+SHORT_CACHE = 512  # keys
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 if triton is not None:
@@ -118,6 +119,7 @@ if triton is not None:
         parts = tl.arange(0, BLOCK_SPLITS)
         part_valid = parts < splits
         dims = tl.arange(0, BLOCK_DIM)
+        dim_valid = dims < HEAD_DIM  # the partial sums' padding columns were never written
         best = tl.load(stats_ptr + (row * splits + parts) * 2, mask=part_valid, other=float("-inf"))
         total = tl.load(stats_ptr + (row * splits + parts) * 2 + 1, mask=part_valid, other=0.0)
         top = tl.max(best, axis=0)
@@ -125,14 +127,14 @@ if triton is not None:
         scale = tl.where(part_valid, tl.exp(best - top), 0.0)
         acc = tl.load(
             partial_ptr + (row * splits + parts)[:, None] * BLOCK_DIM + dims[None, :],
-            mask=part_valid[:, None],
+            mask=part_valid[:, None] & dim_valid[None, :],
             other=0.0,
         )
         out = tl.sum(acc * scale[:, None], axis=0)
         norm = tl.sum(total * scale, axis=0)
         out = out / tl.where(norm == 0.0, 1.0, norm)
         at = out_ptr + sequence * sob + query * soq + head * soh + dims
-        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+        tl.store(at, out.to(out_ptr.dtype.element_ty), mask=dim_valid)
 
 
 @dataclass(frozen=True)
@@ -158,18 +160,21 @@ def split_keys(plan: AttentionPlan, keys: int, splits: int, block_n: int | None 
 def plan_attention(
     batch: int, heads: int, kv_heads: int, queries: int, keys: int, head_dim: int, processors: int
 ) -> AttentionPlan:
-    """Key parts: one for short caches (<= 512 keys) or where the programs alone cover half the SMs; else enough
-    parts of at least 256 keys to cover the SMs."""
+    """Where the programs of (sequence, key/value head, row block) alone cover half the SMs, one part of the keys
+    each; else short caches (<= 512 keys) in up to 8 parts of 32-key blocks, and long ones in parts of at least 256
+    keys that cover the SMs. Measured on an H200 (benchmarks/verify_attention.py --sweep, 9 queries, 256 keys, batch
+    1): 8 parts of 32-key blocks took 6.5 us on the Qwen3-8B heads and 8.0 on Qwen3.5-9B's, one part 10.8 and 16.6."""
     packed = heads // kv_heads * queries
     block_m = max(16, min(64, triton.next_power_of_2(packed)))
     block_dim = max(16, triton.next_power_of_2(head_dim))
     row_blocks = triton.cdiv(packed, block_m)
     programs = batch * kv_heads * row_blocks
-    splits = 1
-    if keys > 512 and 2 * programs < processors:
-        splits = max(1, min(triton.cdiv(keys, 256), triton.cdiv(processors, programs)))
     plan = AttentionPlan(block_m, block_dim, row_blocks, keys, 1, 8 if block_dim >= 256 else 4)
-    return split_keys(plan, keys, splits)
+    if 2 * programs >= processors:
+        return split_keys(plan, keys, 1)
+    if keys <= SHORT_CACHE:
+        return split_keys(plan, keys, min(8, triton.cdiv(keys, 32), max(1, processors // programs)), block_n=32)
+    return split_keys(plan, keys, min(triton.cdiv(keys, 256), triton.cdiv(processors, programs)))
 
 
 def attention(

@@ -143,3 +143,15 @@ def test_a_target_forward_through_the_routed_function_equals_its_sdpa_forward(mo
             out = target(ids, attention_mask=visible).logits
     assert len(calls) == layers
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_plans_split_the_keys_only_where_the_programs_leave_most_sms_idle():
+    h200 = 132
+    single = verify_attention.plan_attention(1, 32, 8, 9, 256, 128, h200)  # Qwen3-8B heads, batch 1: 8 programs
+    assert (single.splits, single.block_n, single.keys_per_split) == (8, 32, 32)
+    batched = verify_attention.plan_attention(16, 32, 8, 9, 256, 128, h200)  # 128 programs: no parts
+    assert batched.splits == 1 and batched.keys_per_split >= 256
+    long = verify_attention.plan_attention(1, 32, 8, 9, 4096, 128, h200)
+    assert long.keys_per_split >= 256 and long.splits * long.keys_per_split >= 4096
+    wide = verify_attention.plan_attention(1, 16, 4, 9, 256, 256, h200)  # Qwen3.5-9B's 256-wide heads
+    assert wide.block_dim == 256 and wide.warps == 8
