@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skinny-kernels",
         action="store_true",
-        help="with --method loop_static on a GPU: the verify step's projections through dspark's weight-streaming "
-        "Triton kernels instead of cuBLAS (bf16/fp16 targets)",
+        help="with --method loop_static on a GPU: the verify step's projections and attention through dspark's "
+        "Triton kernels instead of cuBLAS and SDPA (bf16/fp16 targets)",
     )
     parser.add_argument("--no-compare", action="store_true", help="skip the plain-decoding comparison")
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON at the end")

@@ -411,7 +411,8 @@ def speculative_generate(
     compile_steps=True (static_cache=True only) runs both steps through `torch.compile` first, which fuses the small
     kernels a graph would still replay one by one; the first call per setting compiles (tens of seconds).
     skinny_kernels=True (static_cache=True, a bf16 / fp16 target on a CUDA GPU, Triton installed) runs the verify
-    step's projections through `dspark.skinny_linear`'s weight-streaming kernels instead of cuBLAS.
+    step's projections through `dspark.skinny_linear`'s weight-streaming kernels instead of cuBLAS, and its attention
+    through `dspark.verify_attention`'s kernel instead of SDPA.
     Unsupported settings raise a ValueError that names the way out.
     """
     if draft.target is not target:

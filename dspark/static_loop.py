@@ -15,7 +15,8 @@ small kernels) runs eagerly, followed by the round's only host sync: one `.tolis
 A finished row keeps running (shapes are fixed) but stands still: it keeps nothing, so its counters stop moving.
 
 With `skinny_kernels=True` the verify step's projections run through `dspark.skinny_linear`'s Triton kernels
-(installed on the target's modules for the step only; q/k/v and gate-up as one launch each) instead of cuBLAS.
+(installed on the target's modules for the step only; q/k/v and gate-up as one launch each) instead of cuBLAS, and
+its attention through `dspark.verify_attention`'s kernel (in place of transformers' SDPA function for the step).
 
 Hybrid targets: the attention layers work as above; each Gated DeltaNet layer keeps what the verify block computed
 (its keys, corrected values and decays, and its conv inputs) and the next verify step first moves every row to its

@@ -343,8 +343,8 @@ def generation_methods(
     """Greedy generation methods by name: `plain` target.generate; `assisted` target.generate(assistant_model=draft)
     (the draft's Markov head); `loop` dspark's own loop; `loop_static` the same loop on its fixed-shape path
     (static caches, CUDA graphs on a GPU), `loop_static_compiled` with its steps through torch.compile (compiled
-    in the warm-up), `loop_static_skinny` that with the verify step's projections through dspark's Triton kernels
-    (a bf16/fp16 target on a GPU); `lookup` prompt lookup decoding; `dflash`
+    in the warm-up), `loop_static_skinny` that with the verify step's projections and attention through dspark's
+    Triton kernels (a bf16/fp16 target on a GPU); `lookup` prompt lookup decoding; `dflash`
     target.generate(assistant_model=draft, speculation_type="dflash")."""
     from ..speculative import speculative_generate
 
