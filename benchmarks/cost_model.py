@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -252,6 +253,28 @@ def no_reset() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Bandwidth and bytes
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def graph_microseconds(run, device: torch.device, repeats: int, per: int) -> float:
+    """Median microseconds of one call of `run`, divided by `per`: replayed from a CUDA graph on a GPU (after one eager
+    call, which compiles, and fails here rather than inside the capture), timed directly on a CPU."""
+    run()
+    if device.type != "cuda":
+        started = time.perf_counter()
+        run()
+        return 1e6 * (time.perf_counter() - started) / per
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    samples = []
+    for _ in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(1e3 * start.elapsed_time(end) / per)
+    return statistics.median(samples[2:])
 
 
 def copy_bandwidth(device: torch.device, mib: int, warmup: int, repeats: int) -> dict:

@@ -37,7 +37,6 @@ import functools
 import itertools
 import json
 import math
-import statistics
 import sys
 import time
 import traceback
@@ -96,28 +95,6 @@ def products(preset_name: str) -> list[dict]:
     ]
 
 
-def timed_microseconds(run, device: torch.device, repeats: int, per: int) -> float:
-    """Median microseconds of one call of `run`, divided by `per`: replayed from a CUDA graph on a GPU (after one eager
-    call, which compiles, and fails here rather than inside the capture), timed directly on a CPU."""
-    run()
-    if device.type != "cuda":
-        started = time.perf_counter()
-        run()
-        return 1e6 * (time.perf_counter() - started) / per
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    samples = []
-    for _ in range(repeats + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(1e3 * start.elapsed_time(end) / per)
-    return statistics.median(samples[2:])
-
-
 class Product:
     """Weight copies of one product on the device, an input of `rows` rows, and timed runs over all copies."""
 
@@ -153,7 +130,7 @@ class Product:
             for weights in self.weights:
                 run(weights)
 
-        return timed_microseconds(one_pass, self.device, repeats, len(self.weights))
+        return cost_model.graph_microseconds(one_pass, self.device, repeats, len(self.weights))
 
     def entry(self, run, repeats: int, reference: torch.Tensor | None = None) -> dict:
         us = self.microseconds(run, repeats)
@@ -226,7 +203,7 @@ def layer_chain(preset_name: str, rows: int, device: torch.device, dtype: torch.
     for name, run in variants.items():
         try:
             outputs[name] = run()
-            result["us_per_layer"][name] = timed_microseconds(run, device, repeats, len(layers))
+            result["us_per_layer"][name] = cost_model.graph_microseconds(run, device, repeats, len(layers))
         except Exception as error:  # PDL missing from this Triton or GPU (or the interpreter), say: a result
             result["errors"][name] = f"{type(error).__name__}: {str(error)[:400]}"
     if {"cublas", "kernels"} <= set(outputs):
@@ -330,7 +307,7 @@ def prefetch_chain(
     for name, (with_gaps, budget, join) in variants.items():
         try:
             run = functools.partial(chain, with_gaps, budget, join)
-            result["us_per_layer"][name] = timed_microseconds(run, device, repeats, len(layers))
+            result["us_per_layer"][name] = cost_model.graph_microseconds(run, device, repeats, len(layers))
             if not torch.equal(run(), reference):
                 result["errors"][name] = "output differs from the kernels' without prefetches"
         except Exception as error:

@@ -18,9 +18,7 @@ import argparse
 import functools
 import itertools
 import json
-import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,25 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def microseconds(run, device: torch.device, calls: int, repeats: int) -> float:
-    run()  # compiles, and fails here rather than inside the capture
-    if device.type != "cuda":
-        started = time.perf_counter()
-        run()
-        return 1e6 * (time.perf_counter() - started)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            run()
-    samples = []
-    for _ in range(repeats + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(1e3 * start.elapsed_time(end) / calls)
-    return statistics.median(samples[2:])
+def calls_microseconds(run, device: torch.device, calls: int, repeats: int) -> float:
+    """Median microseconds per call of `run`, from a CUDA graph of `calls` calls (a CPU: one call, timed)."""
+    return cost_model.graph_microseconds(lambda: [run() for _ in range(calls)], device, repeats, calls)
 
 
 def inputs(shape: dict, batch: int, queries: int, length: int, device, dtype):
@@ -108,7 +90,7 @@ def measure(shape: dict, batch: int, queries: int, length: int, device, dtype, a
     entry = {}
     for name, run in runs.items():
         try:
-            entry[f"{name}_us"] = microseconds(run, device, args.calls, args.repeats)
+            entry[f"{name}_us"] = calls_microseconds(run, device, args.calls, args.repeats)
         except Exception as error:  # a backend that refuses the shape: a result
             entry[f"{name}_error"] = f"{type(error).__name__}: {str(error)[:300]}"
     reference = sdpa(*(t.float() for t in (query, key, value)), mask, [SDPBackend.MATH]).transpose(1, 2)
@@ -133,7 +115,7 @@ def sweep(plan, keys: int, run, device, args) -> list[dict]:
             continue
         candidate = replace(verify_attention.split_keys(plan, keys, splits, block_n), stages=stages)
         try:
-            us = microseconds(functools.partial(run, candidate), device, args.calls, args.repeats)
+            us = calls_microseconds(functools.partial(run, candidate), device, args.calls, args.repeats)
             tried.append({"plan": candidate.__dict__, "us": us})
         except Exception as error:  # too much shared memory, say: a result
             tried.append({"plan": candidate.__dict__, "error": f"{type(error).__name__}: {str(error)[:200]}"})
