@@ -240,8 +240,10 @@ def unserved(query, key, value, mask, dropout: float, kwargs: dict) -> str | Non
         return f"dtype {query.dtype}"
     if mask is None:
         return "no mask (SDPA's causal default)"
-    if dropout or kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
-        return "dropout, a sliding window, soft-capping or sinks"
+    if dropout or kwargs.get("sliding_window") or kwargs.get("softcap"):
+        return "dropout, a sliding window or soft-capping"
+    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+        return "attention sinks or a position bias"
     if query.shape[2] > MAX_QUERIES or query.shape[1] % key.shape[1] or key.shape[-1] != value.shape[-1]:
         return "not a verify block of grouped-query attention"
     if mask.dim() != 4 or mask.shape[1] not in (1, query.shape[1]) or mask.shape[-1] != key.shape[2]:

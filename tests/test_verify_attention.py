@@ -107,6 +107,7 @@ def test_calls_the_kernel_cannot_serve_go_to_transformers_sdpa():
     assert "mask" in verify_attention.unserved(query, key, value, None, 0.0, {})
     assert "sliding" in verify_attention.unserved(query, key, value, mask, 0.0, {"sliding_window": 8})
     assert "dropout" in verify_attention.unserved(query, key, value, mask, 0.1, {})
+    assert "sinks" in verify_attention.unserved(query, key, value, mask, 0.0, {"s_aux": torch.zeros(4)})
     long_query = torch.randn(1, 4, verify_attention.MAX_QUERIES + 1, 16)
     long_mask = torch.ones(1, 1, verify_attention.MAX_QUERIES + 1, 20, dtype=torch.bool)
     assert "verify block" in verify_attention.unserved(long_query, key, value, long_mask, 0.0, {})
@@ -155,3 +156,18 @@ def test_plans_split_the_keys_only_where_the_programs_leave_most_sms_idle():
     assert long.keys_per_split >= 256 and long.splits * long.keys_per_split >= 4096
     wide = verify_attention.plan_attention(1, 16, 4, 9, 256, 256, h200)  # Qwen3.5-9B's 256-wide heads
     assert wide.block_dim == 256 and wide.warps == 8
+
+
+def test_the_routed_function_hands_calls_it_cannot_serve_to_the_original(monkeypatch):
+    query, key, value = random_inputs(1, 4, 2, 3, 20, 16, torch.float32)
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    calls = []
+    monkeypatch.setattr(verify_attention, "attention", lambda *a: calls.append(1))
+    with verify_attention.routed_sdpa():
+        routed = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        out, _ = routed(module, query, key, value, None, scaling=0.25)  # no mask: SDPA's causal default
+    expected, _ = original(module, query, key, value, None, scaling=0.25)
+    assert not calls
+    torch.testing.assert_close(out, expected)
