@@ -2,15 +2,17 @@
 
     python3 benchmarks/verify_profile.py --out $OUT/profile                       # Qwen3-8B shape, bf16, batch 1
     python3 benchmarks/verify_profile.py --out $OUT/p --inductor max_autotune_gemm=True
+    python3 benchmarks/verify_profile.py --out $OUT/p --variants compiled_skinny --steps verify   # with our kernels
     python3 benchmarks/verify_profile.py --preset tiny --device cpu --out /tmp/vp   # smoke run on a CPU
 
 Builds the static runner of our loop on cost_model's random-weight target (Qwen3-8B shape by default) with a random
 1-layer draft, prefills a random prompt, then times the verify step (Q = block_size tokens, and Q = 1: plain
-decoding) for each variant: eager kernels replayed from a CUDA graph, and the same after `compile_steps` (regional
-torch.compile, then a graph). For each it records the replayed step's time (CUDA events, median of repeats), its
-roofline (weights + KV cache over measured copy bandwidth), and a profiler trace of a few calls summed per kernel
-class: GEMMs, attention, fused (Triton) kernels, copies/indexing, other; the gap between the step's time and the sum
-of its kernels is time the GPU sits idle between kernels (launch gaps and tails inside the graph).
+decoding) for each variant: eager kernels replayed from a CUDA graph, the same after `compile_steps` (regional
+torch.compile, then a graph), and that with `skinny_kernels` (our projection and attention kernels). For each it
+records the replayed step's time (CUDA events, median of repeats), its roofline (weights + KV cache over measured
+copy bandwidth), a profiler trace of a few calls of the step run outside the graph summed per kernel class (GEMMs,
+attention, fused Triton kernels, copies/indexing, other), and on a GPU the timeline of the graph replay itself as the
+profiler sees it: every kernel in order with its time and the idle GPU time before it (`replay`).
 
 `--inductor NAME=VALUE` sets torch._inductor.config options before compiling (e.g. max_autotune_gemm=True,
 coordinate_descent_tuning=True) to see what they buy; the JSON records them.
