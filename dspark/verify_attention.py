@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .skinny_linear import device_limits, interpreting
+from .skinny_linear import KERNEL_DTYPES, device_limits, interpreting
 
 try:
     import triton
@@ -236,7 +236,7 @@ def unserved(query, key, value, mask, dropout: float, kwargs: dict) -> str | Non
     """Why the kernel cannot compute this call exactly as SDPA would (None: it can)."""
     if query.device.type != "cuda" and not interpreting():
         return "not on a CUDA GPU"
-    if query.dtype not in (torch.bfloat16, torch.float16) and not interpreting():
+    if query.dtype not in KERNEL_DTYPES and not interpreting():
         return f"dtype {query.dtype}"
     if mask is None:
         return "no mask (SDPA's causal default)"
