@@ -255,6 +255,12 @@ def no_reset() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def kernel_dtype(device: torch.device) -> torch.dtype:
+    """The dtype our Triton kernels are benchmarked in: bf16 on a GPU; float16 on a CPU, where they run under Triton's
+    interpreter, whose bf16 matrix product is broken."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float16
+
+
 def graph_microseconds(run, device: torch.device, repeats: int, per: int) -> float:
     """Median microseconds of one call of `run`, divided by `per`: replayed from a CUDA graph on a GPU (after one eager
     call, which compiles, and fails here rather than inside the capture), timed directly on a CPU."""

@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter's bf16 product is broken
+    dtype = cost_model.kernel_dtype(device)
     processors, shared_memory = skinny_linear.device_limits(device)
     started = time.perf_counter()
     report = {

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter's bf16 product is broken
+    dtype = cost_model.kernel_dtype(device)
     report = {"provenance": run_provenance(args.device), "settings": {k: v for k, v in vars(args).items()}}
     report["settings"]["dtype"] = str(dtype)
     report["results"] = []
